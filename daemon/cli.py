@@ -1,0 +1,96 @@
+"""``volmirror <subcommand>``: argument parsing, logging set-up, exit codes. Nothing else.
+
+Exit codes: 0 success; 1 runtime failure (or, for ``status``, the agent is not reachable);
+2 bad configuration or usage (the message names the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+from .config import Config, load
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, VolmirrorError
+
+log = logging.getLogger("volmirror")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="volmirror", description="Near-live, verified mirroring of volumes over Apache Kafka.")
+    p.add_argument("--version", action="version", version=f"volmirror {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
+        sp.add_argument("--log-format", choices=("auto", "text", "json"), help="log format on stderr (default: config, else auto)")
+        sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="log level (default: config, else info)")
+
+    common(sub.add_parser("source", help="run the source agent in the foreground"))
+    common(sub.add_parser("mirror", help="run the mirror agent in the foreground"))
+    st = sub.add_parser("status", help="print per-volume lag and last event time")
+    common(st)
+    st.add_argument("--json", action="store_true", help="print the raw JSON status")
+    st.add_argument("--watch", action="store_true", help="redraw a one-line summary every second until Ctrl-C")
+    common(sub.add_parser("check-config", help="validate the configuration (exit 0, or 2 naming the bad key)"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"volmirror: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from . import logsetup
+
+    logsetup.setup(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
+    try:
+        if args.cmd == "check-config":
+            return _check_config(cfg)
+        if args.cmd == "source":
+            from .source.agent import SourceAgent
+
+            return _run(SourceAgent(cfg).run())
+        if args.cmd == "mirror":
+            from .mirror.agent import MirrorAgent
+
+            return _run(MirrorAgent(cfg).run())
+        if args.cmd == "status":
+            from .status import run_status
+
+            return run_status(cfg, as_json=args.json, watch=args.watch)
+    except ConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    except VolmirrorError as e:
+        log.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_FAILURE
+
+
+def _run(coro: object) -> int:
+    try:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    except asyncio.CancelledError:
+        pass
+    return EXIT_OK
+
+
+def _check_config(cfg: Config) -> int:
+    parts = []
+    if cfg.source:
+        parts.append(f"source: {len(cfg.source.volumes)} volume(s) ({', '.join(v.name for v in cfg.source.volumes)})")
+    if cfg.mirror:
+        parts.append(f"mirror: root {cfg.mirror.root}, group {cfg.mirror.group_id}")
+    print(f"{cfg.path}: OK; kafka {','.join(cfg.kafka.bootstrap_servers)} topic {cfg.kafka.topic}; " + "; ".join(parts))
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

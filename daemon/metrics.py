@@ -1,0 +1,222 @@
+"""Metric families on an injected registry, and the small HTTP server that exposes them.
+
+Nothing registers globally: each agent builds a :class:`~prometheus_client.CollectorRegistry`, the
+families are created against it here, and tests make a fresh registry per test. Labels are bounded
+(volume, op, result, reason, kind); a file path is never a label. Label values are pre-created per
+volume so series exist at zero from the first scrape.
+
+:class:`HttpServer` serves ``/metrics`` (Prometheus text format), ``/status`` (the agent's JSON
+status snapshot) and ``/healthz`` on asyncio, so it needs no thread and stops with the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import RejectedEvent
+
+log = logging.getLogger("volmirror.metrics")
+
+OPS = ("block", "zero", "truncate", "manifest", "delete", "mkdir", "rmtree", "rename", "symlink", "heartbeat")
+
+
+class CommonMetrics:
+    def __init__(self, registry: CollectorRegistry, agent: str) -> None:
+        self.kafka_connected = Gauge(
+            "volmirror_kafka_connected", "1 while the agent's last Kafka round trip succeeded, else 0", registry=registry
+        )
+        self.info = Gauge("volmirror_agent_info", "Static agent information", ["agent", "version"], registry=registry)
+        from . import __version__
+
+        self.info.labels(agent, __version__).set(1)
+
+
+class SourceMetrics(CommonMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "source")
+        self.blocks = Counter(
+            "volmirror_source_blocks_total", "Blocks hashed, by result (changed|unchanged|zero)", ["volume", "result"], registry=registry
+        )
+        self.published_bytes = Counter(
+            "volmirror_source_published_bytes_total", "Block payload bytes acknowledged by Kafka", ["volume"], registry=registry
+        )
+        self.published_events = Counter(
+            "volmirror_source_published_events_total", "Events acknowledged by Kafka, by op", ["volume", "op"], registry=registry
+        )
+        self.pending_files = Gauge(
+            "volmirror_source_pending_files", "Paths waiting to be hashed and published", ["volume"], registry=registry
+        )
+        self.scan_duration = Gauge(
+            "volmirror_source_scan_duration_seconds", "Duration of the last reconcile scan", ["volume"], registry=registry
+        )
+        self.last_scan = Gauge(
+            "volmirror_source_last_scan_timestamp_seconds", "End time of the last reconcile scan", ["volume"], registry=registry
+        )
+        self.torn_reads = Counter(
+            "volmirror_source_torn_reads_total", "Files that changed while being read and were re-queued", ["volume"], registry=registry
+        )
+        self.errors = Counter(
+            "volmirror_source_errors_total", "Errors while reading or publishing, by kind", ["volume", "kind"], registry=registry
+        )
+        self.sync_files_total = Gauge(
+            "volmirror_source_initial_sync_files", "Files to send in the initial sync", ["volume"], registry=registry
+        )
+        self.sync_files_done = Gauge(
+            "volmirror_source_initial_sync_files_done", "Files sent so far in the initial sync", ["volume"], registry=registry
+        )
+        self.sync_bytes_total = Gauge(
+            "volmirror_source_initial_sync_bytes", "Bytes to read in the initial sync", ["volume"], registry=registry
+        )
+        self.sync_bytes_done = Gauge(
+            "volmirror_source_initial_sync_bytes_done", "Bytes read so far in the initial sync", ["volume"], registry=registry
+        )
+        self.watch_ok = Gauge(
+            "volmirror_source_watch_active",
+            "1 while the volume is watched by inotify, 0 when it fell back to periodic scans only",
+            ["volume"],
+            registry=registry,
+        )
+        self.last_heartbeat = Gauge(
+            "volmirror_source_last_heartbeat_timestamp_seconds", "Time of the last acknowledged heartbeat", ["volume"], registry=registry
+        )
+        self.publish_latency = Histogram(
+            "volmirror_source_publish_seconds",
+            "Time from a batch's first send to all of its acks",
+            ["volume"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+
+    def init_volume(self, vol: str) -> None:
+        for r in ("changed", "unchanged", "zero"):
+            self.blocks.labels(vol, r)
+        self.published_bytes.labels(vol)
+        self.pending_files.labels(vol)
+        self.scan_duration.labels(vol)
+        self.torn_reads.labels(vol)
+        self.watch_ok.labels(vol)
+        self.publish_latency.labels(vol)
+        for g in (self.sync_files_total, self.sync_files_done, self.sync_bytes_total, self.sync_bytes_done):
+            g.labels(vol)
+
+
+class MirrorMetrics(CommonMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "mirror")
+        self.lag_seconds = Gauge(
+            "volmirror_replication_lag_seconds",
+            "Now minus the source timestamp of the newest applied event or heartbeat",
+            ["volume"],
+            registry=registry,
+        )
+        self.lag_records = Gauge(
+            "volmirror_mirror_consumer_lag_records",
+            "Records in the volume's partition not yet applied (high watermark minus position)",
+            ["volume"],
+            registry=registry,
+        )
+        self.applied_bytes = Counter(
+            "volmirror_mirror_applied_bytes_total", "Block bytes written to the mirror", ["volume"], registry=registry
+        )
+        self.applied_events = Counter(
+            "volmirror_mirror_applied_events_total", "Events applied, by op", ["volume", "op"], registry=registry
+        )
+        self.rejected = Counter(
+            "volmirror_mirror_rejected_events_total", "Events rejected and skipped, by reason", ["volume", "reason"], registry=registry
+        )
+        self.last_event_ts = Gauge(
+            "volmirror_mirror_last_source_timestamp_seconds",
+            "Source timestamp of the newest applied event or heartbeat",
+            ["volume"],
+            registry=registry,
+        )
+        self.last_commit = Gauge(
+            "volmirror_mirror_last_commit_timestamp_seconds", "Time of the last durable offset commit", registry=registry
+        )
+        self.stream_gap = Counter(
+            "volmirror_mirror_stream_gaps_total",
+            "Times the committed offset was older than the log start (events lost to retention)",
+            ["volume"],
+            registry=registry,
+        )
+        self.apply_errors = Counter(
+            "volmirror_mirror_apply_errors_total", "Events that failed to apply because of local I/O errors", ["volume"], registry=registry
+        )
+
+    def init_volume(self, vol: str) -> None:
+        self.lag_seconds.labels(vol)
+        self.lag_records.labels(vol)
+        self.applied_bytes.labels(vol)
+        self.last_event_ts.labels(vol)
+        self.apply_errors.labels(vol)
+        for op in OPS:
+            self.applied_events.labels(vol, op)
+
+    def init_rejections(self, vol: str) -> None:
+        for r in RejectedEvent.REASONS:
+            self.rejected.labels(vol, r)
+
+
+class HttpServer:
+    """``/metrics``, ``/status`` and ``/healthz`` over plain HTTP/1.0 on asyncio."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, status: Callable[[], dict[str, Any]]) -> None:
+        self.host, self.port = host, port
+        self.registry = registry
+        self.status = status
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
+        sock = self._server.sockets[0].getsockname()
+        self.port = sock[1]
+        log.info("metrics listening on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> "HttpServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            while True:  # drain headers
+                h = await asyncio.wait_for(reader.readline(), 10)
+                if h in (b"\r\n", b"\n", b""):
+                    break
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                code, ctype, body = "405 Method Not Allowed", "text/plain", b"method not allowed\n"
+            elif path == "/metrics":
+                code, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            elif path == "/status":
+                code, ctype = "200 OK", "application/json"
+                body = json.dumps(self.status(), indent=2, sort_keys=True).encode() + b"\n"
+            elif path in ("/healthz", "/"):
+                code, ctype, body = "200 OK", "text/plain", b"ok\n"
+            else:
+                code, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + (body if parts and parts[0] != "HEAD" else b""))
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, IndexError):
+            pass
+        except Exception:  # a broken status callback must not kill the server
+            log.exception("metrics request failed")
+        finally:
+            writer.close()

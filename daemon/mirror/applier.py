@@ -1,0 +1,247 @@
+"""Operations → the mirror's filesystem, with an fsync policy.
+
+Each op *sets the state* of one path (bytes at an offset, a size, metadata, existence, kind), so
+replaying a run of ops in order reaches the same final state. Where the disk disagrees with what the
+op needs (a directory where a file is to be written, a symlink where a file is), the op wins: the
+stream is the truth. ``rename`` is the one op that moves state between paths; the agent makes it a
+durability barrier so it is never replayed after later ops (see docs/design.md).
+
+Writes never follow symlinks (parents are checked by the jail, the final component is opened with
+``O_NOFOLLOW`` or replaced). Files written and directories changed are remembered and fsynced by
+:meth:`Applier.sync`, which the agent calls before it records progress and commits offsets.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections import OrderedDict
+from pathlib import Path
+
+from ..blocks import _zeros
+from ..errors import RejectedEvent, TransientError, os_error
+from ..wire import Event
+from .jail import resolve
+
+MAX_OPEN = 64
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ApplyError(TransientError):
+    """A local I/O failure while applying (disk full, permissions): retry, never skip."""
+
+
+class Applier:
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._dirs: set[str] = set()
+        self._made_roots: set[str] = set()
+
+    # -- public ---------------------------------------------------------------------------------
+    def vol_root(self, vol: str) -> str:
+        r = os.path.join(self.root, vol)
+        if r not in self._made_roots:
+            try:
+                os.makedirs(r, exist_ok=True)
+            except OSError as e:
+                raise ApplyError(f"cannot create volume root {r}: {e.strerror}") from None
+            self._made_roots.add(r)
+        return r
+
+    def apply(self, ev: Event) -> int:
+        """Apply one op; returns block bytes written. Raises RejectedEvent or ApplyError."""
+        vr = self.vol_root(ev.vol)
+        full = resolve(vr, ev.path)
+        try:
+            return getattr(self, "_op_" + ev.op)(vr, full, ev)
+        except OSError as e:
+            err = os_error(ev.op, os.path.relpath(full, self.root), e)
+            raise ApplyError(str(err)) from None
+
+    def sync(self) -> None:
+        """fsync every touched file and directory; close the file descriptors."""
+        try:
+            for path, fd in list(self._fds.items()):
+                os.fsync(fd)
+                os.close(fd)
+                del self._fds[path]
+            for d in sorted(self._dirs, key=len, reverse=True):
+                try:
+                    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    continue  # gone or replaced since (ENOENT, ENOTDIR, ELOOP); its parent is in the set too
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            self._dirs.clear()
+        except OSError as e:
+            raise ApplyError(f"fsync failed: {e.strerror}") from None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _touch_dir(self, full: str) -> None:
+        self._dirs.add(os.path.dirname(full))
+
+    def _release(self, full: str) -> None:
+        """fsync and close open descriptors at or below ``full`` (before it is moved or removed)."""
+        pre = full + "/"
+        for p in [p for p in self._fds if p == full or p.startswith(pre)]:
+            fd = self._fds.pop(p)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _ensure_parent(self, vr: str, full: str) -> None:
+        parent = os.path.dirname(full)
+        if parent == vr or os.path.isdir(parent) and not os.path.islink(parent):
+            return
+        rel = os.path.relpath(parent, vr)
+        cur = vr
+        for comp in rel.split("/"):
+            cur = os.path.join(cur, comp)
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                os.mkdir(cur, 0o755)
+                self._touch_dir(cur)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            # a file or symlink where the stream needs a directory: the stream wins
+            self._release(cur)
+            os.unlink(cur)
+            os.mkdir(cur, 0o755)
+            self._touch_dir(cur)
+
+    def _remove(self, full: str) -> bool:
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return False
+        self._release(full)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+        self._touch_dir(full)
+        return True
+
+    def _fd(self, vr: str, full: str) -> int:
+        fd = self._fds.get(full)
+        if fd is not None:
+            self._fds.move_to_end(full)
+            return fd
+        try:
+            st = os.lstat(full)
+            if not stat.S_ISREG(st.st_mode):
+                self._remove(full)
+        except FileNotFoundError:
+            self._ensure_parent(vr, full)
+            self._touch_dir(full)
+        fd = os.open(full, _OPEN_FLAGS, 0o600)
+        self._fds[full] = fd
+        if len(self._fds) > MAX_OPEN:
+            old, ofd = self._fds.popitem(last=False)
+            os.fsync(ofd)
+            os.close(ofd)
+        return fd
+
+    # -- ops ------------------------------------------------------------------------------------
+    def _op_block(self, vr: str, full: str, ev: Event) -> int:
+        fd = self._fd(vr, full)
+        n = ev["len"]
+        if ev["zero"]:
+            if os.fstat(fd).st_size > ev["off"]:  # beyond EOF the size op leaves zeros anyway
+                os.pwrite(fd, _zeros(n), ev["off"])
+            return 0
+        os.pwrite(fd, ev.payload, ev["off"])
+        return n
+
+    def _op_truncate(self, vr: str, full: str, ev: Event) -> int:
+        os.ftruncate(self._fd(vr, full), ev["size"])
+        return 0
+
+    def _op_manifest(self, vr: str, full: str, ev: Event) -> int:
+        fd = self._fd(vr, full)
+        if os.fstat(fd).st_size != ev["size"]:
+            os.ftruncate(fd, ev["size"])
+        os.fchmod(fd, ev["mode"])
+        os.utime(fd, ns=(ev["mtime_ns"], ev["mtime_ns"]))
+        return 0
+
+    def _op_delete(self, vr: str, full: str, ev: Event) -> int:
+        self._remove(full)
+        return 0
+
+    _op_rmtree = _op_delete
+
+    def _op_mkdir(self, vr: str, full: str, ev: Event) -> int:
+        try:
+            st = os.lstat(full)
+            if not stat.S_ISDIR(st.st_mode):
+                self._remove(full)
+                raise FileNotFoundError
+        except FileNotFoundError:
+            self._ensure_parent(vr, full)
+            os.mkdir(full, 0o700)
+            self._touch_dir(full)
+        os.chmod(full, ev["mode"])
+        return 0
+
+    def _op_symlink(self, vr: str, full: str, ev: Event) -> int:
+        try:
+            if os.readlink(full) == ev["target"]:
+                return 0
+        except (FileNotFoundError, OSError):
+            pass
+        self._remove(full)
+        self._ensure_parent(vr, full)
+        os.symlink(ev["target"], full)
+        self._touch_dir(full)
+        return 0
+
+    def _op_rename(self, vr: str, full: str, ev: Event) -> int:
+        dst = resolve(vr, ev["dst"])
+        try:
+            sst = os.lstat(full)
+        except FileNotFoundError:
+            if os.path.lexists(dst):
+                return 0  # already renamed (replay after a crash)
+            raise RejectedEvent("conflict", f"rename {ev.path} -> {ev['dst']}: source missing on the mirror") from None
+        if dst == full or dst.startswith(full + "/"):
+            raise RejectedEvent("conflict", f"rename {ev.path} -> {ev['dst']}: destination inside source")
+        self._release(full)
+        self._ensure_parent(vr, dst)
+        try:
+            dstat = os.lstat(dst)
+            if stat.S_ISDIR(dstat.st_mode) != stat.S_ISDIR(sst.st_mode) or stat.S_ISDIR(dstat.st_mode):
+                self._remove(dst)
+            else:
+                self._release(dst)
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(full, dst)
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:
+                raise
+            self._remove(dst)
+            os.rename(full, dst)
+        self._touch_dir(full)
+        self._touch_dir(dst)
+        return 0
+
+    def _op_heartbeat(self, vr: str, full: str, ev: Event) -> int:  # pragma: no cover - not routed here
+        return 0

@@ -1,0 +1,104 @@
+"""What both agents share at run time: signals → orderly stop, systemd notify, retries, snapshots.
+
+* :class:`StopSignal` turns SIGTERM/SIGINT into an asyncio event (a second signal exits at once).
+* :func:`sd_notify` speaks the systemd notify protocol (``READY=1``, ``STOPPING=1``, ``STATUS=``)
+  when ``NOTIFY_SOCKET`` is set, so units can use ``Type=notify``.
+* :func:`retry_transient` keeps retrying start-up steps that fail with a TransientError (broker
+  not up yet) with capped backoff and a log line per attempt; permanent errors pass straight through.
+* :func:`write_snapshot` writes the JSON status atomically into the state directory, so
+  ``volmirror status`` can still say something (marked stale) when the agent is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+from .errors import TransientError
+
+log = logging.getLogger("volmirror")
+T = TypeVar("T")
+
+
+def sd_notify(msg: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(msg.encode())
+    except OSError as e:
+        log.debug("sd_notify failed: %s", e)
+
+
+class StopSignal:
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self._count = 0
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._fire, sig)
+
+    def _fire(self, sig: int) -> None:
+        self._count += 1
+        if self._count > 1:
+            log.warning("second %s: exiting immediately", signal.Signals(sig).name)
+            os._exit(130)
+        log.info("received %s, stopping", signal.Signals(sig).name)
+        sd_notify("STOPPING=1")
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+async def retry_transient(what: str, fn: Callable[[], Awaitable[T]], stop: asyncio.Event, *, max_backoff: float = 30.0) -> T:
+    delay = 1.0
+    while True:
+        try:
+            return await fn()
+        except TransientError as e:
+            log.warning("%s failed: %s; retrying in %.0f s", what, e, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+        if stop.is_set():
+            raise asyncio.CancelledError
+        delay = min(delay * 2, max_backoff)
+
+
+def write_snapshot(state_dir: Path, data: dict[str, Any]) -> None:
+    path = state_dir / "status.json"
+    tmp = state_dir / ".status.json.tmp"
+    try:
+        tmp.write_text(json.dumps({**data, "written_at": time.time()}, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot write status snapshot: %s", e)
+
+
+async def periodic(interval: float, fn: Callable[[], Awaitable[None] | None], *, name: str) -> None:
+    """Call ``fn`` every ``interval`` seconds until cancelled; an exception is logged, not fatal."""
+    while True:
+        try:
+            r = fn()
+            if asyncio.iscoroutine(r):
+                await r
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", name)
+        await asyncio.sleep(interval)

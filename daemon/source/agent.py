@@ -1,0 +1,196 @@
+"""The source agent: supervision of watchers, volume workers, scans, heartbeats and metrics.
+
+Start-up order: state directory and index → metrics server → topics (created if missing) →
+producer → watchers → ``READY=1`` → initial reconcile scan per volume. Everything long-running is a
+task in one ``TaskGroup``; SIGTERM/SIGINT cancel it, the producer is flushed and stopped, the index
+closed. Nothing is fire-and-forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ..config import Config, ConfigError, VolumeConfig
+from ..index import SeqAllocator, SourceIndex
+from ..kafka import Producer, ensure_topics
+from ..metrics import HttpServer, SourceMetrics
+from ..runtime import StopSignal, periodic, retry_transient, sd_notify, write_snapshot
+from .progress import ProgressReporter
+from .publisher import Publisher
+from .scanner import plan, walk
+from .volume import VolumeWorker
+from .watcher import VolumeWatcher
+
+log = logging.getLogger("volmirror.source")
+
+
+class SourceAgent:
+    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None) -> None:
+        self.cfg = cfg
+        self.sc = cfg.require_source()
+        self.registry = registry or CollectorRegistry()
+        self.m = SourceMetrics(self.registry)
+        self.stop = StopSignal()
+        self.workers: dict[str, VolumeWorker] = {}
+        self.watchers: dict[str, VolumeWatcher] = {}
+        self.last_scan: dict[str, float] = {}
+        self.started = time.time()
+        self.ready = False
+
+    def _check_volumes(self) -> None:
+        for i, v in enumerate(self.sc.volumes):
+            if not v.path.is_dir():
+                raise ConfigError(f"source.volumes[{i}].path", f"{v.path} does not exist or is not a directory")
+
+    async def run(self) -> None:
+        self._check_volumes()
+        self.stop.install()
+        sc, kc = self.sc, self.cfg.kafka
+        try:
+            sc.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("source.state_dir", f"cannot create {sc.state_dir}: {e.strerror}") from None
+        self.index = SourceIndex(sc.state_dir / "index.sqlite")
+        self.seqs = SeqAllocator(sc.state_dir / "sequence.json")
+        host, port = self.cfg.metrics.host_port
+        http = HttpServer(host, port, self.registry, self.status)
+        try:
+            await http.start()
+        except OSError as e:
+            raise ConfigError("metrics.listen", f"cannot listen on {self.cfg.metrics.listen}: {e.strerror}") from None
+        producer = Producer(kc)
+        try:
+            await retry_transient("creating Kafka topics", lambda: ensure_topics(kc, [kc.topic, kc.control_topic]), self.stop.event)
+            await retry_transient("connecting the producer", producer.start, self.stop.event)
+            self.m.kafka_connected.set(1)
+            self.pub = Publisher(producer, kc.topic, self.seqs)
+            loop = asyncio.get_running_loop()
+            for v in sc.volumes:
+                self.m.init_volume(v.name)
+                w = VolumeWorker(v, self.index, self.pub, self.m, debounce=sc.debounce_ms / 1000, max_delay=sc.max_delay_ms / 1000)
+                self.workers[v.name] = w
+                watcher = VolumeWatcher(v.name, str(v.path), w.notify)
+                ok = watcher.start(loop)
+                self.m.watch_ok.labels(v.name).set(1 if ok else 0)
+                self.watchers[v.name] = watcher
+            self.ready = True
+            sd_notify("READY=1")
+            log.info("source agent ready: %d volume(s), topic %s", len(sc.volumes), kc.topic, extra={"topic": kc.topic})
+            await self._supervise()
+        finally:
+            for w in self.watchers.values():
+                w.stop()
+            await producer.stop()
+            self.index.close()
+            await http.stop()
+            write_snapshot(sc.state_dir, self.status())
+
+    async def _supervise(self) -> None:
+        sc = self.sc
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for v in sc.volumes:
+                    tg.create_task(self.workers[v.name].run(), name=f"worker:{v.name}")
+                    tg.create_task(self._reconcile_loop(v), name=f"reconcile:{v.name}")
+                tg.create_task(periodic(sc.heartbeat_interval, self._heartbeat, name="heartbeat"))
+                tg.create_task(periodic(5.0, lambda: write_snapshot(sc.state_dir, self.status()), name="snapshot"))
+                tg.create_task(ProgressReporter(self.workers, sys.stderr).run())
+                tg.create_task(self._stopper())
+        except* _Stop:
+            pass
+
+    async def _stopper(self) -> None:
+        await self.stop.wait()
+        raise _Stop
+
+    # -- scans ----------------------------------------------------------------------------------
+    async def _reconcile_loop(self, v: VolumeConfig) -> None:
+        while True:
+            await self.reconcile(v)
+            await asyncio.sleep(self.sc.reconcile_interval if self.watchers[v.name].alive else min(self.sc.reconcile_interval, 10.0))
+
+    async def reconcile(self, v: VolumeConfig) -> None:
+        w = self.workers[v.name]
+        w.scanning = True
+        t0 = time.monotonic()
+        try:
+            disk, targets = await asyncio.to_thread(walk, str(v.path), v.is_excluded)
+            known = {}
+            for i, e in enumerate(self.index.iter_volume(v.name)):
+                known[e.path] = e
+                if i % 20000 == 19999:
+                    await asyncio.sleep(0)
+            p = plan(disk, targets, known)
+            for src, dst in p.renames:
+                w.queue_rename(src, dst, False)
+            for path in p.dirty:
+                w.mark(path, force=False, delay=0)
+            if p.new_files:
+                w.progress.begin(p.new_files, p.new_bytes)
+                self.m.sync_files_total.labels(v.name).set(w.progress.files_total)
+                self.m.sync_bytes_total.labels(v.name).set(w.progress.bytes_total)
+            el = time.monotonic() - t0
+            self.m.scan_duration.labels(v.name).set(el)
+            self.m.last_scan.labels(v.name).set(time.time())
+            self.last_scan[v.name] = time.time()
+            log.info(
+                "reconcile scan of %s: %d entries, %d to examine, %d rename(s), %.2f s",
+                v.name, len(disk), len(p.dirty), len(p.renames), el, extra={"volume": v.name, "event": "scan"},
+            )
+        finally:
+            w.scanning = False
+
+    # -- heartbeats -----------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        futs = []
+        try:
+            for v in self.sc.volumes:
+                futs.append((v.name, await self.pub.send(v.name, "heartbeat", {}, seq=False)))
+            done = await asyncio.wait_for(asyncio.gather(*(f for _, f in futs), return_exceptions=True), 30)
+        except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - a heartbeat failure is a metric, not a crash
+            self.m.kafka_connected.set(0)
+            log.warning("heartbeat failed: %s", e)
+            return
+        ok = True
+        now = time.time()
+        for (name, _), r in zip(futs, done):
+            if isinstance(r, BaseException):
+                ok = False
+            else:
+                self.m.last_heartbeat.labels(name).set(now)
+        self.m.kafka_connected.set(1 if ok else 0)
+
+    # -- status ---------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        vols = {}
+        for v in self.sc.volumes:
+            w = self.workers.get(v.name)
+            vols[v.name] = {
+                "path": str(v.path),
+                "block_size": v.block_size,
+                "pending_files": len(w.dirty) if w else None,
+                "last_seq": self.seqs.last(v.name) if hasattr(self, "seqs") else None,
+                "last_published": (w.last_published or None) if w else None,
+                "last_scan": self.last_scan.get(v.name),
+                "watch_active": self.watchers[v.name].alive if v.name in self.watchers else False,
+                "sync": w.progress.snapshot() if w else None,
+            }
+        return {
+            "agent": "source",
+            "host": self.sc.host,
+            "ready": self.ready,
+            "started": self.started,
+            "kafka_connected": bool(self.m.kafka_connected._value.get()),
+            "topic": self.cfg.kafka.topic,
+            "volumes": vols,
+        }
+
+
+class _Stop(Exception):
+    pass

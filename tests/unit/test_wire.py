@@ -1,0 +1,124 @@
+"""Wire format: round trip and rejection of malformed or hostile bytes."""
+
+import json
+import struct
+
+import pytest
+
+from daemon import wire
+from daemon.blocks import block_hash, zero_hash
+from daemon.errors import RejectedEvent
+
+
+def ev(op, **fields):
+    payload = fields.pop("payload", b"")
+    return wire.Event(op=op, vol="vol1", seq=7, epoch="e1", ts=1700000000.5, fields=fields, payload=payload)
+
+
+GOOD = [
+    ev("block", path="a/b.txt", off=0, len=5, hash=block_hash(b"hello").hex(), size=5, zero=False, payload=b"hello"),
+    ev("block", path="z", off=16384, len=16384, hash=zero_hash(16384).hex(), size=32768, zero=True),
+    ev("truncate", path="a/b.txt", size=0),
+    ev("manifest", path="a/b.txt", size=5, mode=0o644, mtime_ns=1, root="0" * 32),
+    ev("delete", path="x"),
+    ev("mkdir", path="d/e", mode=0o755),
+    ev("rmtree", path="d"),
+    ev("rename", path="a", dst="b/c"),
+    ev("symlink", path="l", target="../../anything/goes"),
+    ev("heartbeat"),
+    ev("checkpoint", id=3, files=10, bytes=100, root="f" * 32),
+    ev("announce", host="h", src="/srv/x", block_size=131072),
+]
+
+
+@pytest.mark.parametrize("e", GOOD, ids=lambda e: e.op)
+def test_round_trip(e):
+    raw = wire.encode(e)
+    assert raw[:2] == b"VM" and raw[2] == wire.SCHEMA_VERSION
+    back = wire.decode(raw, wire.key_for(e.vol))
+    assert back == e
+
+
+def raw_with(header: dict, payload: bytes = b"", version: int = 1, magic: bytes = b"VM") -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack(">2sBI", magic, version, len(h)) + h + payload
+
+
+BASE = {"v": 1, "op": "delete", "vol": "vol1", "seq": 1, "epoch": "e", "ts": 1.0, "path": "ok"}
+
+
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b"", "malformed"),
+        (b"garbage bytes that are not an event", "malformed"),
+        (b"\x00" * 3, "malformed"),
+        (raw_with(BASE, magic=b"XX"), "malformed"),
+        (raw_with(BASE, version=9), "bad_schema"),
+        (struct.pack(">2sBI", b"VM", 1, 10**6) + b"{}", "malformed"),
+        (struct.pack(">2sBI", b"VM", 1, 3) + b"\xff\xfe\xfd", "malformed"),
+        (raw_with([1, 2]), "bad_schema"),
+        (raw_with({**BASE, "op": "format_disk"}), "bad_schema"),
+        (raw_with({**BASE, "seq": -1}), "bad_schema"),
+        (raw_with({**BASE, "seq": True}), "bad_schema"),
+        (raw_with({**BASE, "vol": "../etc"}), "bad_schema"),
+        (raw_with({**BASE, "path": "/etc/passwd"}), "unsafe_path"),
+        (raw_with({**BASE, "path": "../../etc/passwd"}), "unsafe_path"),
+        (raw_with({**BASE, "path": "a/../../b"}), "unsafe_path"),
+        (raw_with({**BASE, "path": "a/./b"}), "unsafe_path"),
+        (raw_with({**BASE, "path": "a//b"}), "unsafe_path"),
+        (raw_with({**BASE, "path": "a\u0000b"}), "unsafe_path"),
+        (raw_with({**BASE, "path": ""}), "unsafe_path"),
+        (raw_with({**BASE, "op": "rename", "dst": "../x"}), "unsafe_path"),
+        (raw_with({**BASE, "extra": 1}), "bad_schema"),
+        (raw_with({**BASE, "op": "mkdir", "mode": 0o1777777}), "bad_schema"),
+        (raw_with(BASE, payload=b"unexpected"), "bad_schema"),
+    ],
+)
+def test_rejects_malformed(raw, reason):
+    with pytest.raises(RejectedEvent) as ei:
+        wire.decode(raw, b"vol1")
+    assert ei.value.reason == reason
+
+
+def block_hdr(**kw):
+    h = {"v": 1, "op": "block", "vol": "vol1", "seq": 1, "epoch": "e", "ts": 1.0, "path": "f", "off": 0, "len": 5,
+         "hash": block_hash(b"hello").hex(), "size": 5, "zero": False}
+    h.update(kw)
+    return h
+
+
+def test_block_hash_mismatch_rejected():
+    with pytest.raises(RejectedEvent) as ei:
+        wire.decode(raw_with(block_hdr(), b"HELLO"), b"vol1")
+    assert ei.value.reason == "hash_mismatch"
+
+
+def test_zero_block_with_wrong_hash_rejected():
+    with pytest.raises(RejectedEvent) as ei:
+        wire.decode(raw_with(block_hdr(zero=True, hash="0" * 32)), b"vol1")
+    assert ei.value.reason == "hash_mismatch"
+
+
+def test_block_payload_length_mismatch():
+    with pytest.raises(RejectedEvent) as ei:
+        wire.decode(raw_with(block_hdr(len=6, size=6), b"hello"), b"vol1")
+    assert ei.value.reason == "bad_schema"
+
+
+def test_block_past_file_size():
+    with pytest.raises(RejectedEvent) as ei:
+        wire.decode(raw_with(block_hdr(size=4), b"hello"), b"vol1")
+    assert ei.value.reason == "bad_schema"
+
+
+def test_key_must_match_volume():
+    raw = wire.encode(GOOD[4])
+    with pytest.raises(RejectedEvent) as ei:
+        wire.decode(raw, b"other")
+    assert ei.value.reason == "key_mismatch"
+
+
+def test_none_value():
+    with pytest.raises(RejectedEvent):
+        wire.decode(None)
