@@ -1,0 +1,232 @@
+"""Test harness: real agents as subprocesses, config files, tree comparison, metric scraping.
+
+Nothing here mocks Kafka: agents talk to the broker the session started (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+class Agent:
+    """One `volmirror source|mirror` process with its own config and log file."""
+
+    def __init__(self, kind: str, config: Path, metrics_port: int, log_path: Path) -> None:
+        self.kind = kind
+        self.config = config
+        self.port = metrics_port
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True) -> "Agent":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("NOTIFY_SOCKET", None)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", self.kind, "--config", str(self.config), "--log-format", "json", "--log-level", "debug"],
+            cwd=REPO, env=env, stdout=logf, stderr=logf, start_new_session=True,
+        )
+        logf.close()
+        if wait_ready:
+            wait_for(lambda: self.status().get("ready"), 60, f"{self.kind} agent ready (log: {self.log_path})")
+        return self
+
+    def status(self) -> dict:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.kind} agent exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=2) as r:
+            return json.loads(r.read())
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        out: dict[tuple[str, tuple], float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def log_records(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+def write_config(path: Path, bootstrap: str, topic: str, *, source: dict | None = None, mirror: dict | None = None, metrics_port: int) -> Path:
+    lines = ["[kafka]", f"bootstrap_servers = [{', '.join(json.dumps(s) for s in bootstrap.split(','))}]", f'topic = "{topic}"', "partitions = 3", ""]
+    if source:
+        lines += ["[source]", f'state_dir = "{source["state_dir"]}"']
+        for k in ("heartbeat_interval", "reconcile_interval", "debounce_ms", "checkpoint_interval", "announce_interval"):
+            if k in source:
+                lines.append(f"{k} = {source[k]}")
+        for v in source["volumes"]:
+            lines += ["", "[[source.volumes]]", f'name = "{v["name"]}"', f'path = "{v["path"]}"']
+            if "block_size" in v:
+                lines.append(f"block_size = {v['block_size']}")
+            if "exclude" in v:
+                lines.append("exclude = " + json.dumps(v["exclude"]))
+        lines.append("")
+    if mirror:
+        lines += ["[mirror]", f'root = "{mirror["root"]}"', f'state_dir = "{mirror["state_dir"]}"', f'group_id = "{mirror["group_id"]}"']
+        for k, val in mirror.items():
+            if k not in ("root", "state_dir", "group_id"):
+                lines.append(f"{k} = {json.dumps(val)}")
+        lines.append("")
+    lines += ["[metrics]", f'listen = "127.0.0.1:{metrics_port}"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Setup:
+    """A source volume, one or more mirror sites, and their agents, all under tmp_path."""
+
+    def __init__(self, tmp: Path, bootstrap: str, topic: str, *, volumes: tuple[str, ...] = ("vol1",), block_size: int | None = None,
+                 source_extra: dict | None = None, exclude: list[str] | None = None) -> None:
+        self.tmp = tmp
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.src: dict[str, Path] = {}
+        vols = []
+        for v in volumes:
+            p = tmp / "src" / v
+            p.mkdir(parents=True)
+            self.src[v] = p
+            vol = {"name": v, "path": str(p)}
+            if block_size:
+                vol["block_size"] = block_size
+            if exclude:
+                vol["exclude"] = exclude
+            vols.append(vol)
+        self.source_port = free_port()
+        src_cfg = {"state_dir": str(tmp / "state-src"), "volumes": vols, "heartbeat_interval": 1.0, **(source_extra or {})}
+        self.source_config = write_config(tmp / "source.toml", bootstrap, topic, source=src_cfg, metrics_port=self.source_port)
+        self.source = Agent("source", self.source_config, self.source_port, tmp / "source.log")
+        self.mirrors: list[Agent] = []
+        self.mirror_roots: list[Path] = []
+
+    def add_mirror(self, group: str | None = None, **extra: object) -> Agent:
+        i = len(self.mirrors)
+        port = free_port()
+        root = self.tmp / f"mirror{i}"
+        cfg = write_config(
+            self.tmp / f"mirror{i}.toml", self.bootstrap, self.topic,
+            mirror={"root": str(root), "state_dir": str(self.tmp / f"state-mirror{i}"), "group_id": group or f"site-{i}-{self.topic}", **extra},
+            metrics_port=port,
+        )
+        a = Agent("mirror", cfg, port, self.tmp / f"mirror{i}.log")
+        self.mirrors.append(a)
+        self.mirror_roots.append(root)
+        return a
+
+    def mirror_path(self, vol: str = "vol1", i: int = 0) -> Path:
+        return self.mirror_roots[i] / vol
+
+    def stop_all(self) -> None:
+        for a in [self.source, *self.mirrors]:
+            a.stop()
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Comparable view of a tree: file content/size/mode/mtime, dir mode, symlink target."""
+    out: dict[str, tuple] = {}
+    if not root.exists():
+        return out
+    for dp, dns, fns in os.walk(root):
+        for n in dns + fns:
+            p = os.path.join(dp, n)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode))
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    data = f.read()
+                out[rel] = ("f", st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, hash(data), len(data))
+    return out
+
+
+def diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    lines = [f"{k}: src={a.get(k)} mirror={b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+    return "\n".join(lines[:20]) + (f"\n... {len(lines) - 20} more" if len(lines) > 20 else "")
+
+
+def wait_converged(src: Path, dst: Path, timeout: float = 30.0, agents: list[Agent] | None = None) -> float:
+    """Wait until dst mirrors src exactly; returns seconds taken. Fails with a diff."""
+    t0 = time.monotonic()
+    last = ""
+    while time.monotonic() - t0 < timeout:
+        a, b = tree(src), tree(dst)
+        if a == b:
+            return time.monotonic() - t0
+        last = diff(a, b)
+        for ag in agents or []:
+            if ag.proc is not None and ag.proc.poll() is not None:
+                raise AssertionError(f"{ag.kind} agent died:\n{ag.log_tail()}")
+        time.sleep(0.1)
+    logs = "\n".join(f"--- {ag.kind} log:\n{ag.log_tail(30)}" for ag in agents or [])
+    raise AssertionError(f"mirror did not converge in {timeout}s:\n{last}\n{logs}")
