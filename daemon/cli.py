@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     common(st)
     st.add_argument("--json", action="store_true", help="print the raw JSON status")
     st.add_argument("--watch", action="store_true", help="redraw a one-line summary every second until Ctrl-C")
+    st.add_argument("--source-config", metavar="FILE", help="with --watch: also show the source agent of this config")
     common(sub.add_parser("check-config", help="validate the configuration (exit 0, or 2 naming the bad key)"))
     return p
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             from .status import run_status
 
-            return run_status(cfg, as_json=args.json, watch=args.watch)
+            extra = load(args.source_config) if args.source_config else None
+            return run_status(cfg, as_json=args.json, watch=args.watch, extra=extra)
     except ConfigError as e:
         log.error("%s", e)
         return EXIT_CONFIG

@@ -145,7 +145,7 @@ class MirrorMetrics(CommonMetrics):
         self.stream_gap = Counter(
             "volmirror_mirror_stream_gaps_total",
             "Times the committed offset was older than the log start (events lost to retention)",
-            ["volume"],
+            ["partition"],
             registry=registry,
         )
         self.apply_errors = Counter(

@@ -76,15 +76,21 @@ def one_line(st: dict[str, Any]) -> str:
         lags = [v["lag_seconds"] for v in vols.values() if v.get("lag_seconds") is not None]
         recs = sum(int(v.get("lag_records") or 0) for v in vols.values())
         nbytes = sum(v.get("applied_bytes") or 0 for v in vols.values())
+        files = sum(int(v.get("files_applied") or 0) for v in vols.values())
         lag = f"{max(lags):.1f}s" if lags else "n/a"
-        return f"mirror: {len(vols)} volume(s), lag {lag} / {recs} rec, applied {fmt_bytes(nbytes)}"
+        return f"mirror: lag {lag} / {recs} rec, applied {fmt_bytes(nbytes)} in {files} file update(s)"
     pend = sum(int(v.get("pending_files") or 0) for v in vols.values())
-    return f"source: {len(vols)} volume(s), {pend} pending"
+    syncs = [v["sync"] for v in vols.values() if (v.get("sync") or {}).get("active")]
+    if syncs:
+        done = sum(x["bytes_done"] for x in syncs)
+        total = sum(x["bytes_total"] for x in syncs)
+        return f"source: initial sync {fmt_bytes(done)}/{fmt_bytes(total)}, {pend} pending"
+    return f"source: {pend} file(s) pending"
 
 
-def run_status(cfg: Config, *, as_json: bool, watch: bool) -> int:
+def run_status(cfg: Config, *, as_json: bool, watch: bool, extra: Config | None = None) -> int:
     if watch:
-        return _watch(cfg)
+        return _watch([c for c in (extra, cfg) if c is not None])
     try:
         st = fetch(cfg)
         stale = False
@@ -103,13 +109,16 @@ def run_status(cfg: Config, *, as_json: bool, watch: bool) -> int:
     return EXIT_FAILURE if stale else EXIT_OK
 
 
-def _watch(cfg: Config) -> int:
+def _watch(cfgs: list[Config]) -> int:
     try:
         while True:
-            try:
-                text = one_line(fetch(cfg, timeout=1.0))
-            except (OSError, urllib.error.URLError, ValueError):
-                text = f"agent not reachable at {cfg.metrics.listen}"
+            parts = []
+            for cfg in cfgs:
+                try:
+                    parts.append(one_line(fetch(cfg, timeout=1.0)))
+                except (OSError, urllib.error.URLError, ValueError):
+                    parts.append(f"agent at {cfg.metrics.listen} not reachable")
+            text = time.strftime("%H:%M:%S ") + " | ".join(parts)
             sys.stdout.write("\r\x1b[K" + text)
             sys.stdout.flush()
             time.sleep(1.0)

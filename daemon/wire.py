@@ -142,7 +142,8 @@ def _decode(value: bytes | None, key: bytes | None) -> Event:
     if hlen > MAX_HEADER or _HDR.size + hlen > len(value):
         raise RejectedEvent("malformed", "header length out of range")
     try:
-        hdr = json.loads(value[_HDR.size : _HDR.size + hlen].decode("utf-8"))
+        # surrogateescape: file names that are not valid UTF-8 travel as their raw bytes
+        hdr = json.loads(value[_HDR.size : _HDR.size + hlen].decode("utf-8", "surrogateescape"))
     except (UnicodeDecodeError, ValueError):
         raise RejectedEvent("malformed", "header is not UTF-8 JSON") from None
     payload = value[_HDR.size + hlen :]

@@ -197,15 +197,18 @@ def tree(root: Path) -> dict[str, tuple]:
         for n in dns + fns:
             p = os.path.join(dp, n)
             rel = os.path.relpath(p, root)
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("l", os.readlink(p))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("d", stat.S_IMODE(st.st_mode))
-            elif stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    data = f.read()
-                out[rel] = ("f", st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, hash(data), len(data))
+            try:
+                st = os.lstat(p)
+                if stat.S_ISLNK(st.st_mode):
+                    out[rel] = ("l", os.readlink(p))
+                elif stat.S_ISDIR(st.st_mode):
+                    out[rel] = ("d", stat.S_IMODE(st.st_mode))
+                elif stat.S_ISREG(st.st_mode):
+                    with open(p, "rb") as f:
+                        data = f.read()
+                    out[rel] = ("f", st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, hash(data), len(data))
+            except (FileNotFoundError, NotADirectoryError):
+                out[rel] = ("vanished during walk",)  # tree is changing: never equal, poll again
     return out
 
 

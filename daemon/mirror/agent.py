@@ -324,6 +324,7 @@ class MirrorAgent:
                 "lag_seconds": (now - prog.last_ts) if prog and prog.last_ts else None,
                 "lag_records": _gauge(self.m.lag_records, vol),
                 "applied_bytes": _gauge(self.m.applied_bytes, vol),
+                "files_applied": _gauge(self.m.applied_events, vol, "manifest"),
                 "mirrored": not self.mc.volumes or vol in self.mc.volumes,
             }
         return {
@@ -338,9 +339,9 @@ class MirrorAgent:
         }
 
 
-def _gauge(metric: Any, vol: str) -> float | None:
+def _gauge(metric: Any, *labels: str) -> float | None:
     try:
-        return metric.labels(vol)._value.get()
+        return metric.labels(*labels)._value.get()
     except Exception:  # noqa: BLE001
         return None
 

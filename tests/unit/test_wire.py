@@ -1,6 +1,7 @@
 """Wire format: round trip and rejection of malformed or hostile bytes."""
 
 import json
+import os
 import struct
 
 import pytest
@@ -122,3 +123,10 @@ def test_key_must_match_volume():
 def test_none_value():
     with pytest.raises(RejectedEvent):
         wire.decode(None)
+
+
+def test_non_utf8_file_name_round_trips():
+    name = os.fsdecode(b"caf\xe9-latin1.txt")  # not valid UTF-8 → surrogate escape
+    e = ev("delete", path=name)
+    back = wire.decode(wire.encode(e), b"vol1")
+    assert os.fsencode(back.path) == b"caf\xe9-latin1.txt"

@@ -1,0 +1,45 @@
+# volmirror — the two commands a newcomer needs:
+#   make run    local broker + source agent on ./demo/source + mirror agent on ./demo/mirror + live status
+#   make test   unit + integration tests against a real local Kafka broker (started once per run)
+# Each target installs what it needs (Debian packages, Python venv and deps, Kafka jars from Maven).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp-deps
+
+.PHONY: run test test-unit deps venv kafka-fetch kafka-start kafka-stop bench clean
+
+deps:
+	@bash deploy/setup/debian-deps.sh test
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -c "import aiokafka.util as u, sys; sys.exit('aiokafka C extensions missing' if u.NO_EXTENSIONS else 0)"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+kafka-fetch:
+	@bash deploy/kafka/kafka.sh fetch
+
+run: venv kafka-fetch
+	@bash deploy/setup/debian-deps.sh run
+	@bash deploy/demo/run.sh
+
+test: deps venv kafka-fetch
+	@$(PY) -m pytest -q -ra --durations=10 tests
+
+test-unit: venv
+	@$(PY) -m pytest -q tests/unit
+
+kafka-start: kafka-fetch
+	@bash deploy/kafka/kafka.sh start
+
+kafka-stop:
+	@bash deploy/kafka/kafka.sh stop
+
+clean:
+	rm -rf demo $(VENV) build *.egg-info
