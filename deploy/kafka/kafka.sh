@@ -86,10 +86,15 @@ cmd_fetch() {
   say "fetching Kafka $KAFKA_VERSION jars from Maven Central into $LIBS"
   local tmp="$CACHE/libs.tmp.$$"
   rm -rf "$tmp"
-  if ! mvn -B -q -Dstyle.color=never -f "$POM" dependency:copy-dependencies -DincludeScope=runtime \
-        -DoutputDirectory="$tmp" >&2; then
+  # Debian's Maven 3.8.7 prints bare ANSI resets even with -B -q -Dstyle.color=never: capture the
+  # output, strip escapes, and show what is left (warnings; everything on failure).
+  local rc=0
+  mvn -B -q -Dstyle.color=never -f "$POM" dependency:copy-dependencies -DincludeScope=runtime \
+    -DoutputDirectory="$tmp" >"$CACHE/fetch.log" 2>&1 || rc=$?
+  sed 's/\x1b\[[0-9;]*m//g' "$CACHE/fetch.log" | grep -v '^[[:space:]]*$' >&2 || true
+  if (( rc != 0 )); then
     rm -rf "$tmp"
-    die "mvn dependency:copy-dependencies failed (see output above)"
+    die "mvn dependency:copy-dependencies failed (exit $rc; output above, also in $CACHE/fetch.log)"
   fi
   compgen -G "$tmp/kafka_2.13-$KAFKA_VERSION.jar" >/dev/null || { rm -rf "$tmp"; die "kafka_2.13-$KAFKA_VERSION.jar missing after fetch"; }
   rm -rf "$LIBS"
