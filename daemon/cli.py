@@ -1,7 +1,7 @@
 """``volmirror <subcommand>``: argument parsing, logging set-up, exit codes. Nothing else.
 
-Exit codes: 0 success; 1 runtime failure (or, for ``status``, the agent is not reachable);
-2 bad configuration or usage (the message names the key).
+Exit codes: 0 success; 1 runtime failure (``status``: agent not reachable; ``verify``: drift);
+2 bad configuration or usage (the message names the key; ``verify``: could not run).
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="redraw a one-line summary every second until Ctrl-C")
     st.add_argument("--source-config", metavar="FILE", help="with --watch: also show the source agent of this config")
     common(sub.add_parser("check-config", help="validate the configuration (exit 0, or 2 naming the bad key)"))
+    vf = sub.add_parser("verify", help="full check of the mirror now (exit 0 identical, 1 drift, 2 error)")
+    common(vf)
+    vf.add_argument("--volume", metavar="V", help="only this volume")
+    vf.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/verify.md)")
+    vf.add_argument("--repair", action="store_true", help="repair the drift found (default: report only)")
     return p
 
 
@@ -60,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from .mirror.agent import MirrorAgent
 
             return _run(MirrorAgent(cfg).run())
+        if args.cmd == "verify":
+            from .verify_cmd import run_verify
+
+            return run_verify(cfg, volume=args.volume, as_json=args.json, repair=args.repair)
         if args.cmd == "status":
             from .status import run_status
 

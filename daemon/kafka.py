@@ -174,7 +174,7 @@ def translate(e: BaseException) -> TransientError:
 class Consumer:
     """Group consumer with auto-commit off; positions are committed explicitly after durability."""
 
-    def __init__(self, kc: KafkaConfig, group_id: str, topics: list[str], *, on_assign: Any = None) -> None:
+    def __init__(self, kc: KafkaConfig, group_id: str, topics: list[str], *, on_assign: Any = None, offset_reset: str = "earliest") -> None:
         self.kc = kc
         self.topics = topics
         self._on_assign = on_assign
@@ -182,7 +182,7 @@ class Consumer:
             **_common(kc),
             group_id=group_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset=offset_reset,
             max_partition_fetch_bytes=MAX_RECORD * 2,
             fetch_max_bytes=64 * 1024 * 1024,
             isolation_level="read_uncommitted",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -152,9 +152,47 @@ class MirrorMetrics(CommonMetrics):
             "volmirror_mirror_apply_errors_total", "Events that failed to apply because of local I/O errors", ["volume"], registry=registry
         )
 
+        # verification, drift, repair, coverage
+        self.last_verified = Gauge(
+            "volmirror_last_verified_timestamp_seconds",
+            "Source time T of the latest checkpoint whose digest matched this mirror (identical as of T)",
+            ["volume"],
+            registry=registry,
+        )
+        self.checkpoints = Counter(
+            "volmirror_checkpoints_total", "Source checkpoints compared, by result (match|mismatch)", ["volume", "result"], registry=registry
+        )
+        self.drift_files = Gauge("volmirror_drift_files", "Paths currently known to differ from the source", ["volume"], registry=registry)
+        self.drift_detected = Counter(
+            "volmirror_drift_detected_total", "Drift found, by kind (content|missing|extra|metadata)", ["volume", "kind"], registry=registry
+        )
+        self.repairs = Counter("volmirror_repairs_total", "Drifted paths brought back in line", ["volume"], registry=registry)
+        self.repair_requests = Counter(
+            "volmirror_repair_requests_total", "Requests sent to the source on the control topic, by type", ["volume", "type"], registry=registry
+        )
+        self.scrub_bytes = Counter("volmirror_scrub_bytes_total", "Bytes re-read from the mirror's disk by the scrubber", ["volume"], registry=registry)
+        self.scrub_last_pass = Gauge(
+            "volmirror_scrub_last_pass_timestamp_seconds", "End time of the last full scrub pass", ["volume"], registry=registry
+        )
+        self.protected = Gauge(
+            "volmirror_volume_protected",
+            "1 while the volume is mirrored here, heartbeats are fresh, lag is under the RPO target and the last verification is recent",
+            ["volume"],
+            registry=registry,
+        )
+        self.rpo_target = Gauge("volmirror_rpo_target_seconds", "Configured RPO target (mirror.rpo_seconds)", ["volume"], registry=registry)
+
     def init_volume(self, vol: str) -> None:
         self.lag_seconds.labels(vol)
         self.lag_records.labels(vol)
+        self.drift_files.labels(vol)
+        self.protected.labels(vol)
+        self.scrub_bytes.labels(vol)
+        self.repairs.labels(vol)
+        for r in ("match", "mismatch"):
+            self.checkpoints.labels(vol, r)
+        for k in ("content", "missing", "extra", "metadata"):
+            self.drift_detected.labels(vol, k)
         self.applied_bytes.labels(vol)
         self.last_event_ts.labels(vol)
         self.apply_errors.labels(vol)
@@ -169,10 +207,18 @@ class MirrorMetrics(CommonMetrics):
 class HttpServer:
     """``/metrics``, ``/status`` and ``/healthz`` over plain HTTP/1.0 on asyncio."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        status: Callable[[], dict[str, Any]],
+        routes: dict[str, Callable[[dict[str, str]], Awaitable[tuple[int, dict[str, Any]]]]] | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.registry = registry
         self.status = status
+        self.routes = routes or {}
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -197,14 +243,22 @@ class HttpServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
+            if not line:
+                return
             while True:  # drain headers
                 h = await asyncio.wait_for(reader.readline(), 10)
                 if h in (b"\r\n", b"\n", b""):
                     break
             parts = line.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else "/"
+            path, _, qs = (parts[1] if len(parts) >= 2 else "/").partition("?")
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 code, ctype, body = "405 Method Not Allowed", "text/plain", b"method not allowed\n"
+            elif path in self.routes:
+                from urllib.parse import parse_qsl
+
+                status, data = await self.routes[path](dict(parse_qsl(qs)))
+                code = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found", 503: "503 Service Unavailable", 504: "504 Gateway Timeout"}.get(status, f"{status} Error")
+                ctype, body = "application/json", json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
             elif path == "/metrics":
                 code, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
             elif path == "/status":

@@ -37,24 +37,24 @@ MAX_PATH = 4096
 _INT = int
 _STR = str
 OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "block": {"path": _STR, "off": _INT, "len": _INT, "hash": _STR, "size": _INT, "zero": bool},
-    "truncate": {"path": _STR, "size": _INT},
-    "manifest": {"path": _STR, "size": _INT, "mode": _INT, "mtime_ns": _INT, "root": _STR},
+    "block": {"path": _STR, "off": _INT, "len": _INT, "hash": _STR, "size": _INT, "zero": bool, "bs": _INT},
+    "truncate": {"path": _STR, "size": _INT, "bs": _INT},
+    "manifest": {"path": _STR, "size": _INT, "mode": _INT, "mtime_ns": _INT, "root": _STR, "bs": _INT},
     "delete": {"path": _STR},
     "mkdir": {"path": _STR, "mode": _INT},
     "rmtree": {"path": _STR},
     "rename": {"path": _STR, "dst": _STR},
     "symlink": {"path": _STR, "target": _STR},
     "heartbeat": {},
-    # Verification and coverage (daemon.verify): a volume digest at a point in the stream,
-    # a volume announcement, and the end of a resync answer.
+    # Verification and coverage: a volume digest at a point in the stream, the source's index as a
+    # listing (answer to a mirror whose checkpoint disagreed), and a volume announcement.
     "checkpoint": {"id": _INT, "files": _INT, "bytes": _INT, "root": _STR},
-    "announce": {"host": _STR, "src": _STR, "block_size": _INT},
+    "listing": {"nonce": _STR, "part": _INT, "last": bool, "entries": list},
+    "announce": {"host": _STR, "src": _STR, "block_size": _INT, "heartbeat_interval": (int, float), "checkpoint_interval": (int, float)},
 }
 OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "manifest": {"repair": bool},
-    "block": {"repair": bool},
-    "checkpoint": {"paths": list},
+    "checkpoint": {"nonce": _STR},
 }
 PATH_OPS = {op for op, f in OPS.items() if "path" in f}
 MUTATING_OPS = PATH_OPS
@@ -191,7 +191,7 @@ def _decode(value: bytes | None, key: bytes | None) -> Event:
         t = fields["target"]
         if not t or "\x00" in t or len(t) > MAX_PATH:
             raise RejectedEvent("unsafe_path", "symlink target empty, too long or contains NUL")
-    for name in ("off", "len", "size", "mode", "mtime_ns", "id", "files", "bytes", "block_size"):
+    for name in ("off", "len", "size", "mode", "mtime_ns", "id", "files", "bytes", "block_size", "part"):
         if name in fields and fields[name] < 0:
             raise RejectedEvent("bad_schema", f"{op}: field {name!r} is negative")
     if "mode" in fields and fields["mode"] > 0o7777:
@@ -201,6 +201,10 @@ def _decode(value: bytes | None, key: bytes | None) -> Event:
             h = fields[name]
             if len(h) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in h):
                 raise RejectedEvent("bad_schema", f"{op}: {name} must be {2 * HASH_LEN} lowercase hex digits")
+    if "bs" in fields and not (1024 <= fields["bs"] <= MAX_PAYLOAD and fields["bs"] & (fields["bs"] - 1) == 0):
+        raise RejectedEvent("bad_schema", f"{op}: bs must be a power of two up to {MAX_PAYLOAD}")
+    if op == "listing":
+        _check_listing(fields["entries"])
     if op == "block":
         _check_block(fields, payload)
     elif payload:
@@ -208,10 +212,23 @@ def _decode(value: bytes | None, key: bytes | None) -> Event:
     return Event(op=op, vol=vol, seq=seq, epoch=epoch, ts=float(ts), fields=fields, payload=payload)
 
 
+def _check_listing(rows: list) -> None:
+    for r in rows:
+        if not (isinstance(r, list) and len(r) == 6 and r[1] in ("f", "d", "l")):
+            raise RejectedEvent("bad_schema", "listing: malformed entry")
+        check_relpath(r[0])
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r[2:5]) or not isinstance(r[5], str):
+            raise RejectedEvent("bad_schema", "listing: malformed entry")
+        if r[1] == "f" and (len(r[5]) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in r[5])):
+            raise RejectedEvent("bad_schema", "listing: malformed root")
+
+
 def _check_block(f: dict[str, Any], payload: bytes) -> None:
     length, off, size = f["len"], f["off"], f["size"]
-    if length == 0 or length > MAX_PAYLOAD:
+    if length == 0 or length > MAX_PAYLOAD or length > f["bs"]:
         raise RejectedEvent("too_large", f"block length {length} out of range")
+    if off % f["bs"]:
+        raise RejectedEvent("bad_schema", "block offset is not a multiple of the block size")
     if off + length > size:
         raise RejectedEvent("bad_schema", "block extends past the file size")
     if f["zero"]:

@@ -18,9 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from ..config import Config, ConfigError, VolumeConfig
 from ..index import SeqAllocator, SourceIndex
-from ..kafka import Producer, ensure_topics
+from ..errors import RejectedEvent
+from ..kafka import Consumer, Producer, ensure_topics
 from ..metrics import HttpServer, SourceMetrics
 from ..runtime import StopSignal, periodic, retry_transient, sd_notify, write_snapshot
+from .control import dispatch, parse_request
 from .progress import ProgressReporter
 from .publisher import Publisher
 from .scanner import plan, walk
@@ -73,17 +75,24 @@ class SourceAgent:
             loop = asyncio.get_running_loop()
             for v in sc.volumes:
                 self.m.init_volume(v.name)
-                w = VolumeWorker(v, self.index, self.pub, self.m, debounce=sc.debounce_ms / 1000, max_delay=sc.max_delay_ms / 1000)
+                w = VolumeWorker(
+                    v, self.index, self.pub, self.m,
+                    debounce=sc.debounce_ms / 1000, max_delay=sc.max_delay_ms / 1000, checkpoint_interval=sc.checkpoint_interval,
+                )
                 self.workers[v.name] = w
                 watcher = VolumeWatcher(v.name, str(v.path), w.notify)
                 ok = watcher.start(loop)
                 self.m.watch_ok.labels(v.name).set(1 if ok else 0)
                 self.watchers[v.name] = watcher
+            self.control = Consumer(kc, f"volmirror-source.{sc.host}", [kc.control_topic], offset_reset="latest")
+            await retry_transient("connecting the control consumer", self.control.start, self.stop.event)
             self.ready = True
             sd_notify("READY=1")
             log.info("source agent ready: %d volume(s), topic %s", len(sc.volumes), kc.topic, extra={"topic": kc.topic})
             await self._supervise()
         finally:
+            if hasattr(self, "control"):
+                await self.control.stop()
             for w in self.watchers.values():
                 w.stop()
             await producer.stop()
@@ -99,6 +108,8 @@ class SourceAgent:
                     tg.create_task(self.workers[v.name].run(), name=f"worker:{v.name}")
                     tg.create_task(self._reconcile_loop(v), name=f"reconcile:{v.name}")
                 tg.create_task(periodic(sc.heartbeat_interval, self._heartbeat, name="heartbeat"))
+                tg.create_task(periodic(sc.announce_interval, self._announce, name="announce"))
+                tg.create_task(self._control_loop(), name="control")
                 tg.create_task(periodic(5.0, lambda: write_snapshot(sc.state_dir, self.status()), name="snapshot"))
                 tg.create_task(ProgressReporter(self.workers, sys.stderr).run())
                 tg.create_task(self._stopper())
@@ -145,6 +156,41 @@ class SourceAgent:
             )
         finally:
             w.scanning = False
+
+    # -- control requests and announcements ------------------------------------------------------
+    async def _control_loop(self) -> None:
+        while True:
+            try:
+                recs = await self.control.getmany(timeout_ms=500, max_records=200)
+            except Exception as e:  # noqa: BLE001 - keep serving; the mirror asks again
+                log.warning("control topic fetch failed: %s", e)
+                await asyncio.sleep(2.0)
+                continue
+            for r in recs:
+                try:
+                    req = parse_request(r.value)
+                except RejectedEvent as e:
+                    self.m.errors.labels("_control", "bad_request").inc()
+                    log.warning("ignored control record at offset %d: %s", r.offset, e, extra={"partition": r.partition, "offset": r.offset})
+                    continue
+                dispatch(req, self.workers)
+            if recs:
+                last = {}
+                for r in recs:
+                    last[(r.topic, r.partition)] = r.offset + 1
+                try:
+                    await self.control.commit(last)
+                except Exception as e:  # noqa: BLE001
+                    log.debug("control commit failed: %s", e)
+
+    async def _announce(self) -> None:
+        sc = self.sc
+        futs = []
+        for v in sc.volumes:
+            fields = {"host": sc.host, "src": str(v.path), "block_size": v.block_size,
+                      "heartbeat_interval": sc.heartbeat_interval, "checkpoint_interval": sc.checkpoint_interval}
+            futs.append(await self.pub.send(v.name, "announce", fields, seq=False))
+        await asyncio.wait_for(asyncio.gather(*futs), 30)
 
     # -- heartbeats -----------------------------------------------------------------------------
     async def _heartbeat(self) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..blocks import HASH_LEN, file_root, zero_hash
+from ..digest import listing_row, volume_digest
 from ..config import VolumeConfig
 from ..errors import FileChangedError, PermanentError, PublishError, TransientError
 from ..index import DIR, FILE, SYMLINK, Entry, SourceIndex
@@ -30,6 +31,7 @@ from .reader import ReadResult, Stat, lstat, read_file
 
 log = logging.getLogger("volmirror.source")
 
+LISTING_ROWS = 2000
 BATCH_PATHS = 256
 BATCH_BYTES = 64 * 1024 * 1024
 UNKNOWN_HASH = b"\xff" * HASH_LEN
@@ -91,6 +93,7 @@ class VolumeWorker:
         *,
         debounce: float = 0.05,
         max_delay: float = 1.0,
+        checkpoint_interval: float = 60.0,
     ) -> None:
         self.vol = vol
         self.name = vol.name
@@ -107,6 +110,12 @@ class VolumeWorker:
         self.last_published = 0.0
         self.failures = 0
         self.scanning = False
+        self.checkpoint_interval = checkpoint_interval
+        self.next_checkpoint = time.monotonic() + min(5.0, checkpoint_interval)
+        self.checkpoint_id = 0
+        self.control: deque[tuple[str, str | None]] = deque()  # ("checkpoint"|"listing", nonce)
+        self.resyncs: dict[str, bytes | None] = {}  # path → the mirror's block hashes (None: send all)
+        self._bad_names: set[str] = set()
 
     # -- inputs ---------------------------------------------------------------------------------
     def notify(self, kind: str, src: str | None, dst: str | None, is_dir: bool) -> None:
@@ -120,7 +129,17 @@ class VolumeWorker:
     def mark(self, path: str, *, force: bool, delay: float | None = None) -> None:
         """Mark a path for examination: after the debounce (never later than ``max_delay`` after
         the first unprocessed mark), or after an explicit ``delay`` (retries, backoff)."""
-        if not path or (self.vol.is_excluded(path) and self.index.get(self.name, path) is None):
+        if not path:
+            return
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            if path not in self._bad_names:
+                self._bad_names.add(path)
+                self.m.errors.labels(self.name, "bad_name").inc()
+                log.error("file name is not valid UTF-8; not replicated", extra={"volume": self.name, "path": repr(path)})
+            return
+        if self.vol.is_excluded(path) and self.index.get(self.name, path) is None:
             return
         now = time.monotonic()
         old = self.dirty.get(path)
@@ -132,6 +151,16 @@ class VolumeWorker:
         self.dirty[path] = (due, first, force or (old[2] if old else False))
         self.m.pending_files.labels(self.name).set(len(self.dirty))
         self._wake.set()
+
+    def request(self, kind: str, nonce: str | None = None) -> None:
+        """Control request from a mirror: a checkpoint now, or a listing of the index."""
+        self.control.append((kind, nonce))
+        self._wake.set()
+
+    def resync(self, path: str, mirror_hashes: bytes | None) -> None:
+        """A mirror found ``path`` drifted: send what differs from ``mirror_hashes`` (all if None)."""
+        self.resyncs[path] = mirror_hashes
+        self.mark(path, force=True, delay=0)
 
     def queue_rename(self, src: str, dst: str, is_dir: bool) -> None:
         self.renames.append((src, dst, is_dir))
@@ -145,6 +174,8 @@ class VolumeWorker:
                 await self._rename(src, dst, is_dir)
                 self.renames.popleft()
             now = time.monotonic()
+            if self.control or now >= self.next_checkpoint:
+                await self._control_work()
             due = sorted(p for p, (t, _, _) in self.dirty.items() if t <= now)
             if due:
                 await self._process(due)
@@ -152,11 +183,42 @@ class VolumeWorker:
             self._wake.clear()
             if self.progress.active and not self.dirty and not self.scanning:
                 self._finish_progress()
-            timeout = min((t for t, _, _ in self.dirty.values()), default=now + 3600) - now
+            timeout = min(min((t for t, _, _ in self.dirty.values()), default=now + 3600), self.next_checkpoint) - now
             try:
                 await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
             except asyncio.TimeoutError:
                 pass
+
+    async def _control_work(self) -> None:
+        """Checkpoints and listings, made between batches: the index then matches the stream."""
+        now = time.monotonic()
+        work = list(self.control)
+        self.control.clear()
+        if now >= self.next_checkpoint:
+            self.next_checkpoint = now + self.checkpoint_interval
+            work.append(("checkpoint", None))
+        b = _Batch()
+        try:
+            for kind, nonce in work:
+                entries = list(self.index.iter_volume(self.name))
+                if kind == "checkpoint":
+                    root, files, nbytes = volume_digest(entries)
+                    self.checkpoint_id += 1
+                    f = {"id": self.checkpoint_id, "files": files, "bytes": nbytes, "root": root.hex()}
+                    if nonce:
+                        f["nonce"] = nonce
+                    await self._send(b, "checkpoint", f)
+                elif kind == "listing" and nonce:
+                    rows = [listing_row(e) for e in entries]
+                    parts = [rows[i : i + LISTING_ROWS] for i in range(0, len(rows), LISTING_ROWS)] or [[]]
+                    for i, part in enumerate(parts):
+                        b.futures.append(await self.pub.send(self.name, "listing", {"nonce": nonce, "part": i, "last": i == len(parts) - 1, "entries": part}, seq=False))
+                    log.info("sent a listing of %s (%d entries) to a mirror", self.name, len(rows), extra={"volume": self.name, "event": "listing"})
+            await self._flush(b)
+        except (TransientError, asyncio.TimeoutError, OSError) as e:
+            self.m.kafka_connected.set(0)
+            log.warning("checkpoint/listing not sent: %s", e, extra={"volume": self.name})
+            self.next_checkpoint = time.monotonic() + 5.0
 
     def _finish_progress(self) -> None:
         p = self.progress
@@ -281,10 +343,20 @@ class VolumeWorker:
     async def _examine(self, path: str, force: bool, b: _Batch) -> None:
         st = None if self.vol.is_excluded(path) else lstat(self._abs(path))
         e = self.index.get(self.name, path)
+        resync = path in self.resyncs
+        mirror_hashes = self.resyncs.pop(path, None)
         if st is None or st.kind == "o":
             if e is not None:
                 await self._remove(b, path, e)
+            elif resync:
+                await self._send(b, "delete", {"path": path})
             return
+        if resync and st.kind == DIR and e is not None and e.kind == DIR:
+            await self._send(b, "mkdir", {"path": path, "mode": st.mode})
+            self.index.put(self.name, Entry(path, DIR, 0, st.mtime_ns, st.ino, st.mode))
+            return
+        if resync and st.kind == SYMLINK:
+            e = None  # resend the link as it is now
         if e is not None and e.kind != st.kind:
             await self._remove(b, path, e)
             e = None
@@ -303,7 +375,7 @@ class VolumeWorker:
                 await self._send(b, "symlink", {"path": path, "target": target})
                 self.index.put(self.name, Entry(path, SYMLINK, 0, st.mtime_ns, st.ino, 0, target))
         else:
-            await self._file(path, st, e, force, b)
+            await self._file(path, st, e, force, b, resync=resync, mirror_hashes=mirror_hashes)
 
     def _mark_children(self, path: str) -> None:
         try:
@@ -313,11 +385,17 @@ class VolumeWorker:
         for n in names:
             self.mark(f"{path}/{n}", force=True, delay=0)
 
-    async def _file(self, path: str, st: Stat, e: Entry | None, force: bool, b: _Batch) -> None:
+    async def _file(
+        self, path: str, st: Stat, e: Entry | None, force: bool, b: _Batch, *, resync: bool = False, mirror_hashes: bytes | None = None
+    ) -> None:
         if not force and e is not None and (e.size, e.mtime_ns, e.ino, e.mode) == (st.size, st.mtime_ns, st.ino, st.mode):
             return
         bs = self.vol.block_size
         known = e.hashes if e is not None else None
+        if resync:
+            # answer a mirror: diff against what *it* has, and always end with a manifest
+            known = mirror_hashes
+            e = None
         res = ReadResult(before=st)
         gen = read_file(self._abs(path), bs, known, res)
         sent = b.sent_blocks.setdefault(path, set())
@@ -330,10 +408,10 @@ class VolumeWorker:
                 if seg is None:
                     break
                 if first and size_changed:
-                    await self._send(b, "truncate", {"path": path, "size": st.size})
+                    await self._send(b, "truncate", {"path": path, "size": st.size, "bs": bs})
                 first = False
                 for blk, data in seg.changed:
-                    fields = {"path": path, "off": blk.offset, "len": blk.length, "hash": blk.hash.hex(), "size": st.size, "zero": blk.zero}
+                    fields = {"path": path, "off": blk.offset, "len": blk.length, "hash": blk.hash.hex(), "size": st.size, "zero": blk.zero, "bs": bs}
                     await self._send(b, "block", fields, data)
                     sent.add(blk.index)
                     if blk.zero:
@@ -346,6 +424,8 @@ class VolumeWorker:
         except FileChangedError:
             if sent:
                 self._forget_blocks(path, sent)
+            if resync:
+                self.resyncs[path] = mirror_hashes  # answer the mirror on the retry
             raise
         finally:
             gen.close()
@@ -361,7 +441,11 @@ class VolumeWorker:
         ):
             return
         root = file_root(hashes, st.size)
-        await self._send(b, "manifest", {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex()})
+        mf = {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(), "bs": bs}
+        if resync:
+            mf["repair"] = True
+            log.info("resent %s to a mirror (%d block(s))", path, len(sent), extra={"volume": self.name, "path": path, "event": "resync"})
+        await self._send(b, "manifest", mf)
         self.index.put(self.name, Entry(path, FILE, st.size, st.mtime_ns, st.ino, st.mode, None, hashes, root))
 
     # -- renames --------------------------------------------------------------------------------
@@ -404,6 +488,7 @@ class VolumeWorker:
             self.index.rollback()
             raise
         self.mark(dst, force=False, delay=0)
+        self.mark(src, force=False, delay=0)  # if something new appeared at src meanwhile
 
 
 __all__ = ["VolumeWorker", "Progress", "zero_hash"]

@@ -207,10 +207,10 @@ def test_hostile_records_are_rejected_and_counted(setup_factory, tmp_path, kafka
     h = block_hash(data).hex()
     hostile = [
         raw(b'{"v":1,"op":"delete","vol":"vol1","seq":1,"epoch":"x","ts":1,"path":"/etc/passwd"}'),
-        raw(b'{"v":1,"op":"block","vol":"vol1","seq":2,"epoch":"x","ts":1,"path":"../../escape","off":0,"len":5,"hash":"' + h.encode() + b'","size":5,"zero":false}') + data,
+        raw(b'{"v":1,"op":"block","vol":"vol1","seq":2,"epoch":"x","ts":1,"path":"../../escape","off":0,"len":5,"hash":"' + h.encode() + b'","size":5,"zero":false,"bs":131072}') + data,
         ev("symlink", 3, path="esc", target=str(outside)),
-        ev("block", 4, data, path="esc/owned.txt", off=0, len=5, hash=h, size=5, zero=False),
-        ev("block", 5, b"PWNED", path="wrong-hash", off=0, len=5, hash=h, size=5, zero=False),
+        ev("block", 4, data, path="esc/owned.txt", off=0, len=5, hash=h, size=5, zero=False, bs=131072),
+        ev("block", 5, b"PWNED", path="wrong-hash", off=0, len=5, hash=h, size=5, zero=False, bs=131072),
         b"\x00\x01garbage that is no event at all",
         b"",
     ]

@@ -17,7 +17,7 @@ def mk(op, seq=1, **f):
 
 
 def blk(path, off, data, size):
-    return mk("block", path=path, off=off, len=len(data), hash=block_hash(data).hex(), size=size, zero=False, payload=data)
+    return mk("block", path=path, off=off, len=len(data), hash=block_hash(data).hex(), size=size, zero=False, bs=BS, payload=data)
 
 
 @pytest.fixture
@@ -37,10 +37,10 @@ def test_file_written_with_metadata(ap, tmp_path):
     data = b"a" * BS + b"tail"
     evs = [
         mk("mkdir", path="d", mode=0o750),
-        mk("truncate", path="d/f", size=len(data)),
+        mk("truncate", path="d/f", size=len(data), bs=BS),
         blk("d/f", 0, data[:BS], len(data)),
         blk("d/f", BS, data[BS:], len(data)),
-        mk("manifest", path="d/f", size=len(data), mode=0o640, mtime_ns=1_600_000_000_123_456_789, root="0" * 32),
+        mk("manifest", path="d/f", size=len(data), mode=0o640, mtime_ns=1_600_000_000_123_456_789, root="0" * 32, bs=BS),
     ]
     run(ap, evs)
     p = tmp_path / "root/v/d/f"
@@ -51,8 +51,8 @@ def test_file_written_with_metadata(ap, tmp_path):
 
 
 def test_zero_block_and_extension(ap, tmp_path):
-    run(ap, [blk("f", 0, b"x" * BS, 2 * BS), mk("block", path="f", off=BS, len=BS, hash=zero_hash(BS).hex(), size=2 * BS, zero=True),
-             mk("manifest", path="f", size=2 * BS, mode=0o644, mtime_ns=0, root="0" * 32)])
+    run(ap, [blk("f", 0, b"x" * BS, 2 * BS), mk("block", path="f", off=BS, len=BS, hash=zero_hash(BS).hex(), size=2 * BS, zero=True, bs=BS),
+             mk("manifest", path="f", size=2 * BS, mode=0o644, mtime_ns=0, root="0" * 32, bs=BS)])
     assert (tmp_path / "root/v/f").read_bytes() == b"x" * BS + bytes(BS)
 
 
@@ -60,11 +60,11 @@ def test_replay_gives_same_state(ap, tmp_path):
     evs = [
         mk("mkdir", path="p", mode=0o755),
         blk("p/x", 0, b"one", 3),
-        mk("manifest", path="p/x", size=3, mode=0o644, mtime_ns=5, root="0" * 32),
+        mk("manifest", path="p/x", size=3, mode=0o644, mtime_ns=5, root="0" * 32, bs=BS),
         mk("delete", path="p/x"),
         mk("rmtree", path="p"),
         blk("p", 0, b"now a file", 10),
-        mk("manifest", path="p", size=10, mode=0o600, mtime_ns=6, root="0" * 32),
+        mk("manifest", path="p", size=10, mode=0o600, mtime_ns=6, root="0" * 32, bs=BS),
         mk("symlink", path="l", target="p"),
     ]
     run(ap, evs)

@@ -17,10 +17,11 @@ def ev(op, **fields):
 
 
 GOOD = [
-    ev("block", path="a/b.txt", off=0, len=5, hash=block_hash(b"hello").hex(), size=5, zero=False, payload=b"hello"),
-    ev("block", path="z", off=16384, len=16384, hash=zero_hash(16384).hex(), size=32768, zero=True),
-    ev("truncate", path="a/b.txt", size=0),
-    ev("manifest", path="a/b.txt", size=5, mode=0o644, mtime_ns=1, root="0" * 32),
+    ev("block", path="a/b.txt", off=0, len=5, hash=block_hash(b"hello").hex(), size=5, zero=False, bs=16384, payload=b"hello"),
+    ev("block", path="z", off=16384, len=16384, hash=zero_hash(16384).hex(), size=32768, zero=True, bs=16384),
+    ev("truncate", path="a/b.txt", size=0, bs=16384),
+    ev("manifest", path="a/b.txt", size=5, mode=0o644, mtime_ns=1, root="0" * 32, bs=16384),
+    ev("manifest", path="r", size=0, mode=0o600, mtime_ns=2, root="1" * 32, bs=131072, repair=True),
     ev("delete", path="x"),
     ev("mkdir", path="d/e", mode=0o755),
     ev("rmtree", path="d"),
@@ -28,7 +29,9 @@ GOOD = [
     ev("symlink", path="l", target="../../anything/goes"),
     ev("heartbeat"),
     ev("checkpoint", id=3, files=10, bytes=100, root="f" * 32),
-    ev("announce", host="h", src="/srv/x", block_size=131072),
+    ev("checkpoint", id=4, files=0, bytes=0, root="e" * 32, nonce="n1"),
+    ev("listing", nonce="n1", part=0, last=True, entries=[["a", "f", 5, 420, 1, "0" * 32], ["d", "d", 0, 493, 0, ""], ["l", "l", 0, 0, 0, "t"]]),
+    ev("announce", host="h", src="/srv/x", block_size=131072, heartbeat_interval=5.0, checkpoint_interval=60.0),
 ]
 
 
@@ -84,7 +87,7 @@ def test_rejects_malformed(raw, reason):
 
 def block_hdr(**kw):
     h = {"v": 1, "op": "block", "vol": "vol1", "seq": 1, "epoch": "e", "ts": 1.0, "path": "f", "off": 0, "len": 5,
-         "hash": block_hash(b"hello").hex(), "size": 5, "zero": False}
+         "hash": block_hash(b"hello").hex(), "size": 5, "zero": False, "bs": 16384}
     h.update(kw)
     return h
 
@@ -130,3 +133,15 @@ def test_non_utf8_file_name_round_trips():
     e = ev("delete", path=name)
     back = wire.decode(wire.encode(e), b"vol1")
     assert os.fsencode(back.path) == b"caf\xe9-latin1.txt"
+
+
+@pytest.mark.parametrize("entries", [[["../x", "f", 1, 1, 1, "0" * 32]], [["a", "x", 0, 0, 0, ""]], [["a", "f", 1, 1, 1, "zz"]], [["a", "f", -1, 1, 1, "0" * 32]], ["a"]])
+def test_bad_listing_rejected(entries):
+    raw = wire.encode(ev("listing", nonce="n", part=0, last=True, entries=entries))
+    with pytest.raises(RejectedEvent):
+        wire.decode(raw, b"vol1")
+
+
+def test_block_offset_must_align():
+    with pytest.raises(RejectedEvent):
+        wire.decode(raw_with(block_hdr(off=3, size=8)), b"vol1")

@@ -1,0 +1,159 @@
+"""The mirror's own index: what it has applied, per path, and the progress that goes with it.
+
+Same schema as the source's index (``daemon.index``), in ``state_dir/mirror.sqlite``, plus a
+``progress`` table (per volume: epoch, seq, last source timestamp, partition). Files being written
+are kept in a small write-back cache (a block event updates one hash in memory, not a SQLite blob);
+the cache and the progress are written in one transaction at each durability point, so the index
+and the progress can never disagree after a crash.
+
+Everything here runs on the mirror's apply thread; only the in-memory progress is read elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..blocks import HASH_LEN
+from ..index import Entry, SourceIndex
+
+UNKNOWN = b"\0" * HASH_LEN
+
+_PROGRESS = """
+CREATE TABLE IF NOT EXISTS progress (
+    volume    TEXT PRIMARY KEY,
+    epoch     TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    last_ts   REAL NOT NULL,
+    partition INTEGER NOT NULL DEFAULT -1
+);
+"""
+
+
+@dataclass
+class VolumeProgress:
+    epoch: str = ""
+    seq: int = -1
+    last_ts: float = 0.0
+    partition: int = -1
+
+
+@dataclass
+class FileRec:
+    """A mutable file entry while the mirror writes it."""
+
+    path: str
+    size: int = 0
+    mode: int = 0o600
+    mtime_ns: int = 0
+    hashes: bytearray = field(default_factory=bytearray)
+    root: bytes = b""
+
+    def entry(self) -> Entry:
+        return Entry(self.path, "f", self.size, self.mtime_ns, 0, self.mode, None, bytes(self.hashes), self.root)
+
+
+class MirrorIndex(SourceIndex):
+    def __init__(self, db_path: Path) -> None:
+        super().__init__(db_path)
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_PROGRESS)
+        self.lock = threading.Lock()
+        self.volumes: dict[str, VolumeProgress] = {}
+        for vol, epoch, seq, ts, part in self.db.execute("SELECT volume, epoch, seq, last_ts, partition FROM progress"):
+            self.volumes[vol] = VolumeProgress(epoch, seq, ts, part)
+        self._cache: dict[tuple[str, str], FileRec] = {}
+        self.gen: dict[tuple[str, str], int] = {}  # bumped on every change, for the scrubber
+
+    # -- progress -------------------------------------------------------------------------------
+    def progress(self, vol: str) -> VolumeProgress:
+        p = self.volumes.get(vol)
+        if p is None:
+            p = self.volumes[vol] = VolumeProgress()
+        return p
+
+    def is_duplicate(self, vol: str, epoch: str, seq: int) -> bool:
+        p = self.volumes.get(vol)
+        return p is not None and p.epoch == epoch and seq <= p.seq
+
+    def checkpoint(self) -> None:
+        """Write cached files and progress in one transaction (call after fsync)."""
+        with self.lock:
+            self.begin()
+            for (vol, _), rec in self._cache.items():
+                self.put(vol, rec.entry())
+            self._cache.clear()
+            rows = [(k, v.epoch, v.seq, v.last_ts, v.partition) for k, v in self.volumes.items() if v.epoch]
+            self.db.executemany("INSERT OR REPLACE INTO progress (volume, epoch, seq, last_ts, partition) VALUES (?,?,?,?,?)", rows)
+            self.commit()
+
+    # -- entries --------------------------------------------------------------------------------
+    def touch(self, vol: str, path: str) -> None:
+        k = (vol, path)
+        self.gen[k] = self.gen.get(k, 0) + 1
+
+    def file(self, vol: str, path: str) -> FileRec:
+        """The cached, mutable record of a file (created if missing or of another kind)."""
+        k = (vol, path)
+        rec = self._cache.get(k)
+        if rec is None:
+            e = self.get(vol, path)
+            if e is not None and e.kind == "f":
+                rec = FileRec(path, e.size, e.mode, e.mtime_ns, bytearray(e.hashes), e.root)
+            else:
+                if e is not None:
+                    self.begin()
+                    self.delete_tree(vol, path)
+                rec = FileRec(path)
+            self._cache[k] = rec
+        return rec
+
+    def lookup(self, vol: str, path: str) -> Entry | None:
+        rec = self._cache.get((vol, path))
+        return rec.entry() if rec is not None else self.get(vol, path)
+
+    def set_entry(self, vol: str, e: Entry) -> None:
+        self._drop_cached(vol, e.path)
+        self.begin()
+        if e.kind != "f":
+            self.delete_tree(vol, e.path)
+        self.put(vol, e)
+        self.touch(vol, e.path)
+
+    def remove(self, vol: str, path: str) -> None:
+        self._drop_cached(vol, path, tree=True)
+        self.begin()
+        self.delete_tree(vol, path)
+        self.touch(vol, path)
+
+    def move(self, vol: str, src: str, dst: str) -> None:
+        self._flush_cached(vol, src, tree=True)
+        self._drop_cached(vol, dst, tree=True)
+        self.begin()
+        self.rename(vol, src, dst)
+        self.touch(vol, src)
+        self.touch(vol, dst)
+
+    def entries(self, vol: str) -> Iterator[Entry]:
+        """Every entry of a volume, cache included (flushes the cache into the open transaction)."""
+        self._flush_cached(vol, None, tree=True)
+        return self.iter_volume(vol)
+
+    def _matching(self, vol: str, path: str | None, tree: bool) -> list[tuple[str, str]]:
+        if path is None:
+            return [k for k in self._cache if k[0] == vol]
+        pre = path + "/"
+        return [k for k in self._cache if k[0] == vol and (k[1] == path or (tree and k[1].startswith(pre)))]
+
+    def _flush_cached(self, vol: str, path: str | None, tree: bool) -> None:
+        keys = self._matching(vol, path, tree)
+        if keys:
+            self.begin()
+            for k in keys:
+                self.put(vol, self._cache.pop(k).entry())
+
+    def _drop_cached(self, vol: str, path: str, tree: bool = False) -> None:
+        for k in self._matching(vol, path, tree):
+            del self._cache[k]
