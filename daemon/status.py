@@ -50,14 +50,22 @@ def render(st: dict[str, Any]) -> str:
     conn = "connected" if st.get("kafka_connected") else "DISCONNECTED"
     if st.get("agent") == "mirror":
         lines.append(f"mirror agent, group {st.get('group_id')}, root {st.get('root')}, Kafka {conn}")
-        lines.append(f"{'VOLUME':<20} {'LAG(s)':>8} {'LAG(rec)':>9} {'APPLIED':>11} {'LAST EVENT':>12}")
+        lines.append(
+            f"{'VOLUME':<20} {'MIRRORED':>8} {'PROTECTED':>9} {'LAG(s)':>8} {'LAG(rec)':>9} {'APPLIED':>11} {'LAST EVENT':>12} {'VERIFIED':>12} {'DRIFT':>6}"
+        )
+        unprotected = []
         for name, v in sorted(st.get("volumes", {}).items()):
             lag = v.get("lag_seconds")
             recs = v.get("lag_records")
             lines.append(
-                f"{name:<20} {lag if lag is None else f'{lag:.1f}'!s:>8} {recs if recs is None else int(recs)!s:>9} "
-                f"{fmt_bytes(v.get('applied_bytes') or 0):>11} {_ago(v.get('last_event_ts')):>12}"
+                f"{name:<20} {'yes' if v.get('mirrored') else 'NO':>8} {'yes' if v.get('protected') else 'NO':>9} "
+                f"{'-' if lag is None else f'{lag:.1f}':>8} {'-' if recs is None else int(recs)!s:>9} "
+                f"{fmt_bytes(v.get('applied_bytes') or 0):>11} {_ago(v.get('last_event_ts')):>12} {_ago(v.get('last_verified')):>12} "
+                f"{v.get('drift_files', 0)!s:>6}"
             )
+            if not v.get("protected"):
+                unprotected.append(f"  {name}: not protected: {', '.join(v.get('why_not_protected') or ['unknown'])}")
+        lines += unprotected
     else:
         lines.append(f"source agent on {st.get('host')}, topic {st.get('topic')}, Kafka {conn}")
         lines.append(f"{'VOLUME':<20} {'PENDING':>8} {'LAST SEQ':>9} {'LAST PUBLISHED':>15}  SYNC")

@@ -51,9 +51,10 @@ class Agent:
         self.port = metrics_port
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
 
     def start(self, wait_ready: bool = True) -> "Agent":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("NOTIFY_SOCKET", None)
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -82,6 +83,11 @@ class Agent:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run `volmirror <args> --config <this agent's config>`."""
+        return subprocess.run([sys.executable, "-m", "daemon", *args, "--config", str(self.config)], cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
 
     def stop(self, timeout: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

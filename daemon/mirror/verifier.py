@@ -316,7 +316,8 @@ class _Pass:
     fd: int = -1
     off: int = 0
     hashes: bytearray = field(default_factory=bytearray)
-    bad: str | None = None
+    bad: str | None = None  # content problem (takes precedence)
+    meta: str | None = None  # metadata problem
 
 
 class Scrubber:
@@ -382,12 +383,10 @@ class Scrubber:
             if t != e.target:
                 self.v.scrubbed(vol, e, f"content: symlink target {t!r}, expected {e.target!r}", None)
             return 0
-        if st.st_size != e.size:
-            p.bad = f"content: size {st.st_size}, expected {e.size}"
-        elif stat.S_IMODE(st.st_mode) != e.mode or st.st_mtime_ns != e.mtime_ns:
-            p.bad = f"metadata: mode {stat.S_IMODE(st.st_mode):o}/mtime {st.st_mtime_ns}, expected {e.mode:o}/{e.mtime_ns}"
-        else:
-            p.bad = None
+        p.bad = f"content: size {st.st_size}, expected {e.size}" if st.st_size != e.size else None
+        p.meta = None
+        if stat.S_IMODE(st.st_mode) != e.mode or st.st_mtime_ns != e.mtime_ns:
+            p.meta = f"metadata: mode {stat.S_IMODE(st.st_mode):o}/mtime {st.st_mtime_ns}, expected {e.mode:o}/{e.mtime_ns}"
         try:
             p.fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as err:
@@ -432,7 +431,7 @@ class Scrubber:
             if len(p.hashes) == len(e.hashes) and bytes(e.root) and file_root(bytes(p.hashes), e.size) != bytes(e.root):
                 p.bad = "content: root of the data on disk differs from the manifest"
         if e is not None:
-            self.v.scrubbed(vol, e, p.bad, bytes(p.hashes))
+            self.v.scrubbed(vol, e, p.bad or p.meta, bytes(p.hashes))
 
     def _close(self, p: _Pass) -> None:
         if p.fd >= 0:
