@@ -141,8 +141,17 @@ class Applier:
     def _fd(self, vr: str, full: str) -> int:
         fd = self._fds.get(full)
         if fd is not None:
-            self._fds.move_to_end(full)
-            return fd
+            # the path may have been removed or replaced behind our back (someone on the mirror
+            # host, or a repair): never write through a descriptor that is no longer that path
+            try:
+                same = os.lstat(full).st_ino == os.fstat(fd).st_ino
+            except OSError:
+                same = False
+            if same:
+                self._fds.move_to_end(full)
+                return fd
+            del self._fds[full]
+            os.close(fd)
         try:
             st = os.lstat(full)
             if not stat.S_ISREG(st.st_mode):

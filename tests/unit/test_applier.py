@@ -104,3 +104,11 @@ def snapshot(root):
             else:
                 out[p] = ("f", st.st_mode, st.st_mtime_ns, open(p, "rb").read())
     return out
+
+
+def test_file_removed_behind_an_open_descriptor_is_recreated(ap, tmp_path):
+    ap.apply(blk("f", 0, b"first", 5))  # descriptor stays cached until sync()
+    (tmp_path / "root/v/f").unlink()  # someone deletes it on the mirror host
+    ap.apply(blk("f", 0, b"again", 5))
+    ap.sync()
+    assert (tmp_path / "root/v/f").read_bytes() == b"again"
