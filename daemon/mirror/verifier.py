@@ -40,6 +40,7 @@ log = logging.getLogger("volmirror.mirror.verify")
 
 KINDS = ("content", "missing", "extra", "metadata")
 REREQUEST_AFTER = 30.0
+LISTING_EVERY = 300.0  # a persistent mismatch (repair off) asks for a listing at most this often
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Verifier:
         self.listing_done: set[str] = set()
         self.block_size: dict[str, int] = {}
         self.recorder: dict[str, dict[str, str]] | None = None  # drift found while `verify` runs
+        self._listing_asked: dict[str, float] = {}
 
     # -- drift registry -------------------------------------------------------------------------
     def found(self, vol: str, path: str, kind: str, detail: str) -> bool:
@@ -183,10 +185,14 @@ class Verifier:
             log.debug("checkpoint %d of %s matches (%d files, %d bytes)", ev["id"], vol, files, nbytes, extra={"volume": vol, "event": "checkpoint"})
         else:
             log.warning(
-                "checkpoint %d of %s does not match: source %d files/%d bytes, mirror %d files/%d bytes; asking for a listing",
+                "checkpoint %d of %s does not match: source %d files/%d bytes, mirror %d files/%d bytes",
                 ev["id"], vol, ev["files"], ev["bytes"], files, nbytes, extra={"volume": vol, "event": "checkpoint_mismatch"},
             )
-            res.listing_nonce = self.request_listing(vol)
+            now = time.monotonic()
+            every = REREQUEST_AFTER if self.repair else LISTING_EVERY
+            if res.nonce or now - self._listing_asked.get(vol, -1e9) >= every:
+                self._listing_asked[vol] = now
+                res.listing_nonce = self.request_listing(vol)
         if res.nonce:
             self.results[res.nonce] = res
         return res
