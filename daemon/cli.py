@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--volume", metavar="V", help="only this volume")
     vf.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/verify.md)")
     vf.add_argument("--repair", action="store_true", help="repair the drift found (default: report only)")
+    vf.add_argument("--timeout", type=float, default=60.0, metavar="S", help="how long to wait for the source's checkpoint (default 60)")
     return p
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "verify":
             from .verify_cmd import run_verify
 
-            return run_verify(cfg, volume=args.volume, as_json=args.json, repair=args.repair)
+            return run_verify(cfg, volume=args.volume, as_json=args.json, repair=args.repair, wait=args.timeout)
         if args.cmd == "status":
             from .status import run_status
 

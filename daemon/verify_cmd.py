@@ -21,14 +21,15 @@ from .config import Config
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 
-def run_verify(cfg: Config, *, volume: str | None, as_json: bool, repair: bool, timeout: float = 600.0) -> int:
+def run_verify(cfg: Config, *, volume: str | None, as_json: bool, repair: bool, wait: float = 60.0) -> int:
     if cfg.mirror is None:
         print("volmirror: verify needs a config with a [mirror] section (run it on the DR host)", file=sys.stderr)
         return EXIT_CONFIG
     host, port = cfg.metrics.host_port
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
-    q = {k: v for k, v in (("volume", volume), ("repair", "1" if repair else None)) if v}
+    q = {k: v for k, v in (("volume", volume), ("repair", "1" if repair else None), ("timeout", f"{wait:g}")) if v}
+    timeout = 2 * wait + 600  # the agent also scrubs every file: allow for large volumes
     url = f"http://{host}:{port}/verify" + ("?" + urllib.parse.urlencode(q) if q else "")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - local agent endpoint

@@ -356,6 +356,10 @@ class MirrorAgent:
     async def http_verify(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
         vol = q.get("volume")
         repair = q.get("repair") in ("1", "true", "yes")
+        try:
+            wait = min(max(float(q.get("timeout", VERIFY_WAIT)), 1.0), 3600.0)
+        except ValueError:
+            return 400, {"error": "timeout must be a number of seconds"}
         vols = [vol] if vol else sorted(v for v in (set(self.idx.volumes) | set(self.announced)) if self.mirrored(v))
         if vol and (not VOLUME_NAME_RE.match(vol) or vol not in (set(self.idx.volumes) | set(self.announced))):
             return 404, {"error": f"volume {vol!r} is not known to this mirror"}
@@ -364,11 +368,11 @@ class MirrorAgent:
         if not vols:
             return 503, {"error": "no volumes received yet"}
         try:
-            return 200, await self.verify(vols, repair=repair)
+            return 200, await self.verify(vols, repair=repair, wait=wait)
         except TimeoutError as e:
             return 504, {"error": str(e)}
 
-    async def verify(self, vols: list[str], *, repair: bool) -> dict[str, Any]:
+    async def verify(self, vols: list[str], *, repair: bool, wait: float = VERIFY_WAIT) -> dict[str, Any]:
         v = self.verifier
         self._verifying += 1
         saved = v.repair
@@ -381,11 +385,11 @@ class MirrorAgent:
                 nonce = uuid.uuid4().hex
                 self.outbox.append({"type": "checkpoint", "vol": vol, "nonce": nonce})
                 await self._send_requests()
-                res = await self._wait(lambda: v.results.get(nonce), f"a checkpoint of {vol} from the source (is the source agent running?)")
+                res = await self._wait(lambda: v.results.get(nonce), f"a checkpoint of {vol} from the source (is the source agent running?)", wait)
                 listing_ok = True
                 if not res.match:
                     listing_ok = bool(await self._wait(lambda: res.listing_nonce in v.listing_done if res.listing_nonce else True,
-                                                       f"the listing of {vol} from the source"))
+                                                       f"the listing of {vol} from the source", wait))
                 await asyncio.to_thread(self._locked, self.scrubber.full_pass, vol)
                 drift = found.get(vol, {})
                 out["volumes"][vol] = {

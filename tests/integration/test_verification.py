@@ -152,7 +152,7 @@ def test_verify_exit_codes_and_json(setup_factory):
     r = m.cli("verify", "--volume", "no-such-volume")
     assert r.returncode == 2
     s.source.stop()  # no source: no checkpoint can come
-    r = m.cli("verify", "--json", timeout=180)
+    r = m.cli("verify", "--json", "--timeout", "5", timeout=180)
     assert r.returncode == 2 and "checkpoint" in r.stderr
     m.stop()  # no mirror agent at all
     r = m.cli("verify")
