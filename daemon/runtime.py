@@ -64,6 +64,30 @@ class StopSignal:
         await self.event.wait()
 
 
+class _Stop(Exception):
+    pass
+
+
+async def supervise(stop: StopSignal, *coros: Awaitable[Any]) -> None:
+    """Run long-lived coroutines in one TaskGroup until ``stop`` fires (or one of them fails).
+
+    A stop cancels every task and waits for them; a failure in any task cancels the others and
+    propagates, so nothing is fire-and-forget.
+    """
+
+    async def stopper() -> None:
+        await stop.wait()
+        raise _Stop
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for c in coros:
+                tg.create_task(c)  # type: ignore[arg-type]
+            tg.create_task(stopper())
+    except* _Stop:
+        pass
+
+
 async def retry_transient(what: str, fn: Callable[[], Awaitable[T]], stop: asyncio.Event, *, max_backoff: float = 30.0) -> T:
     delay = 1.0
     while True:

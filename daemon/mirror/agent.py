@@ -31,7 +31,7 @@ from ..config import VOLUME_NAME_RE, Config, ConfigError
 from ..errors import RejectedEvent
 from ..kafka import Consumer, Producer, Record, ensure_topics
 from ..metrics import HttpServer, MirrorMetrics
-from ..runtime import StopSignal, periodic, retry_transient, sd_notify, write_snapshot
+from ..runtime import StopSignal, periodic, retry_transient, sd_notify, supervise, write_snapshot
 from ..wire import Event, decode, key_for
 from .applier import Applier, ApplyError
 from .mindex import MirrorIndex
@@ -152,19 +152,14 @@ class MirrorAgent:
             self.m.rpo_target.labels(vol).set(self.mc.rpo_seconds)
 
     async def _supervise(self) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._consume(), name="consume")
-                tg.create_task(periodic(1.0, self._update_lag, name="lag"))
-                tg.create_task(periodic(5.0, self._probe, name="probe"))
-                tg.create_task(periodic(5.0, lambda: write_snapshot(self.mc.state_dir, self.status()), name="snapshot"))
-                tg.create_task(self._stopper())
-        except* _Stop:
-            pass
+        await supervise(
+            self.stop,
+            self._consume(),
+            periodic(1.0, self._update_lag, name="lag"),
+            periodic(5.0, self._probe, name="probe"),
+            periodic(5.0, lambda: write_snapshot(self.mc.state_dir, self.status()), name="snapshot"),
+        )
 
-    async def _stopper(self) -> None:
-        await self.stop.wait()
-        raise _Stop
 
     # -- consume loop ---------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -552,6 +547,3 @@ def _safe_key(key: bytes | None) -> str:
         return UNKNOWN_VOLUME
     return k if VOLUME_NAME_RE.match(k) and len(k) <= 128 else UNKNOWN_VOLUME
 
-
-class _Stop(Exception):
-    pass

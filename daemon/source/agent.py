@@ -21,7 +21,7 @@ from ..index import SeqAllocator, SourceIndex
 from ..errors import RejectedEvent
 from ..kafka import Consumer, Producer, ensure_topics
 from ..metrics import HttpServer, SourceMetrics
-from ..runtime import StopSignal, periodic, retry_transient, sd_notify, write_snapshot
+from ..runtime import StopSignal, periodic, retry_transient, sd_notify, supervise, write_snapshot
 from .control import dispatch, parse_request
 from .progress import ProgressReporter
 from .publisher import Publisher
@@ -102,23 +102,18 @@ class SourceAgent:
 
     async def _supervise(self) -> None:
         sc = self.sc
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for v in sc.volumes:
-                    tg.create_task(self.workers[v.name].run(), name=f"worker:{v.name}")
-                    tg.create_task(self._reconcile_loop(v), name=f"reconcile:{v.name}")
-                tg.create_task(periodic(sc.heartbeat_interval, self._heartbeat, name="heartbeat"))
-                tg.create_task(periodic(sc.announce_interval, self._announce, name="announce"))
-                tg.create_task(self._control_loop(), name="control")
-                tg.create_task(periodic(5.0, lambda: write_snapshot(sc.state_dir, self.status()), name="snapshot"))
-                tg.create_task(ProgressReporter(self.workers, sys.stderr).run())
-                tg.create_task(self._stopper())
-        except* _Stop:
-            pass
-
-    async def _stopper(self) -> None:
-        await self.stop.wait()
-        raise _Stop
+        per_volume = []
+        for v in sc.volumes:
+            per_volume += [self.workers[v.name].run(), self._reconcile_loop(v)]
+        await supervise(
+            self.stop,
+            *per_volume,
+            periodic(sc.heartbeat_interval, self._heartbeat, name="heartbeat"),
+            periodic(sc.announce_interval, self._announce, name="announce"),
+            self._control_loop(),
+            periodic(5.0, lambda: write_snapshot(sc.state_dir, self.status()), name="snapshot"),
+            ProgressReporter(self.workers, sys.stderr).run(),
+        )
 
     # -- scans ----------------------------------------------------------------------------------
     async def _reconcile_loop(self, v: VolumeConfig) -> None:
@@ -237,6 +232,3 @@ class SourceAgent:
             "volumes": vols,
         }
 
-
-class _Stop(Exception):
-    pass
