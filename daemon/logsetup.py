@@ -48,12 +48,25 @@ def _mask(d: dict) -> dict:
     return {k: ("***" if any(m in k.lower() for m in _SECRET_MARKERS) else v) for k, v in d.items()}
 
 
+class _TransientKafkaNoise(logging.Filter):
+    """aiokafka logs a coordinator that is still being elected (fresh cluster, broker restart) as
+    ERROR although it retries by itself; that is a warning for the people reading our logs."""
+
+    TRANSIENT = ("GroupCoordinatorNotAvailable", "NotCoordinatorForGroup", "CoordinatorLoadInProgress")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and any(t in record.getMessage() for t in self.TRANSIENT):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup(fmt: str = "auto", level: str = "info") -> None:
     """Configure the root logger once; ``fmt`` is auto|text|json (auto: text on a TTY or journald)."""
     if fmt == "auto":
         fmt = "text"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_TransientKafkaNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
