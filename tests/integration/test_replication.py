@@ -237,3 +237,14 @@ def test_hostile_records_are_rejected_and_counted(setup_factory, tmp_path, kafka
     assert not (s.mirror_path() / "wrong-hash").exists()
     assert os.path.exists("/etc/passwd")
     assert m.proc.poll() is None  # never a crash
+
+
+def test_topic_that_cannot_be_created_stops_with_a_clear_message(setup_factory):
+    s = setup_factory()
+    text = s.source_config.read_text().replace("partitions = 3", "partitions = 3\nreplication_factor = 3")
+    s.source_config.write_text(text)
+    s.source.start(wait_ready=False)
+    rc = s.source.proc.wait(60)
+    assert rc == 1
+    msg = s.source.log_path.read_text()
+    assert "cannot create topic" in msg and "replication_factor=3" in msg and "1 broker" in msg
