@@ -194,7 +194,6 @@ class MirrorMetrics(CommonMetrics):
         for k in ("content", "missing", "extra", "metadata"):
             self.drift_detected.labels(vol, k)
         self.applied_bytes.labels(vol)
-        self.last_event_ts.labels(vol)
         self.apply_errors.labels(vol)
         for op in OPS:
             self.applied_events.labels(vol, op)

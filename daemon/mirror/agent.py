@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -89,9 +90,9 @@ class MirrorAgent:
         self._scrub_rr = 0
         self._verifying = 0
         # test builds only: drop events of this op for this path, to simulate a lost change
-        import os
-
         self._drop = tuple(os.environ.get("VOLMIRROR_TEST_DROP", "").split(":", 1)) if os.environ.get("VOLMIRROR_TEST_DROP") else None
+        # test builds only: while this file exists, every apply fails like a full disk would
+        self._stall_file = os.environ.get("VOLMIRROR_TEST_STALL_FILE") or None
 
     def mirrored(self, vol: str) -> bool:
         return not self.mc.volumes or vol in self.mc.volumes
@@ -226,6 +227,8 @@ class MirrorAgent:
 
     def _apply_event(self, r: Record, ev: Event) -> None:
         vol = ev.vol
+        if self._stall_file and os.path.exists(self._stall_file):
+            raise ApplyError(f"TEST BUILD: injected apply failure ({self._stall_file} exists)")
         if ev.op == "announce":
             self.announced[vol] = Announcement(ev["host"], ev["src"], ev["block_size"], float(ev["heartbeat_interval"]),
                                                float(ev["checkpoint_interval"]), time.time())
