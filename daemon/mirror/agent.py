@@ -146,8 +146,12 @@ class MirrorAgent:
             return fn(*args)
 
     def _init_volume(self, vol: str) -> None:
-        if vol not in self.known_volumes and len(self.known_volumes) < MAX_VOLUME_LABELS:
-            self.known_volumes.add(vol)
+        """Create a volume's series at zero; a volume not mirrored here only gets `protected` = 0."""
+        if vol in self.known_volumes or len(self.known_volumes) >= MAX_VOLUME_LABELS:
+            return
+        self.known_volumes.add(vol)
+        self.m.protected.labels(vol).set(0)
+        if self.mirrored(vol):
             self.m.init_volume(vol)
             self.m.init_rejections(vol)
             self.m.rpo_target.labels(vol).set(self.mc.rpo_seconds)

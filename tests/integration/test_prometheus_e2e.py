@@ -159,7 +159,9 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path, kafka_own, topic
         # every dashboard panel query returns at least one series
         dash = json.loads(DASHBOARD.read_text())
         empty = []
-        for title, expr in panel_queries(dash):
+        queries = panel_queries(dash)
+        assert len(queries) >= 10, f"dashboard has only {len(queries)} queries"
+        for title, expr in queries:
             q = substitute(expr, "vol1")
             if not prom.query(q):
                 empty.append(f"{title}: {q}")
