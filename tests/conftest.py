@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
-from .harness import REPO, free_port
-
-KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
+from .harness import Broker
 
 
 def _reachable(bootstrap: str) -> bool:
@@ -39,16 +35,14 @@ def kafka_bootstrap() -> str:
             pytest.fail(f"VOLMIRROR_TEST_BOOTSTRAP={env} is set but no Kafka broker answers there")
         yield env
         return
-    data = tempfile.mkdtemp(prefix="volmirror-test-kafka-")
-    port, cport = free_port(), free_port()
-    r = subprocess.run(["bash", str(KAFKA_SH), "start", "--data", data, "--port", str(port), "--controller-port", str(cport)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"could not start the test Kafka broker (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
     try:
-        yield f"127.0.0.1:{port}"
+        broker = Broker()
+    except RuntimeError as e:
+        pytest.fail(f"the test Kafka broker is required: {e}")
+    try:
+        yield broker.bootstrap
     finally:
-        subprocess.run(["bash", str(KAFKA_SH), "stop", "--data", data], capture_output=True)
+        broker.stop()
 
 
 @pytest.fixture

@@ -28,6 +28,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Broker:
+    """A single-node Kafka started with deploy/kafka/kafka.sh on free loopback ports."""
+
+    SCRIPT = REPO / "deploy" / "kafka" / "kafka.sh"
+
+    def __init__(self, prefix: str = "volmirror-test-kafka-") -> None:
+        import tempfile
+
+        self.data = tempfile.mkdtemp(prefix=prefix)
+        self.port, cport = free_port(), free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        r = subprocess.run(["bash", str(self.SCRIPT), "start", "--data", self.data, "--port", str(self.port), "--controller-port", str(cport)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"could not start Kafka (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(self.SCRIPT), "stop", "--data", self.data], capture_output=True)
+
+
 def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None

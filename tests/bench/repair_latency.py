@@ -13,7 +13,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.harness import Setup, free_port, wait_converged, wait_for  # noqa: E402
+from tests.harness import Broker, Setup, wait_converged, wait_for  # noqa: E402
 
 
 def main() -> int:
@@ -30,12 +29,9 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    kdata = tempfile.mkdtemp(prefix="vm-bench-kafka-")
-    port, cport = free_port(), free_port()
-    ks = REPO / "deploy/kafka/kafka.sh"
-    subprocess.run(["bash", str(ks), "start", "--data", kdata, "--port", str(port), "--controller-port", str(cport)], check=True, capture_output=True)
+    broker = Broker(prefix="vm-bench-kafka-")
     tmp = Path(tempfile.mkdtemp(prefix="vm-bench-"))
-    s = Setup(tmp, f"127.0.0.1:{port}", f"bench.{os.getpid()}", source_extra={"heartbeat_interval": 5.0})
+    s = Setup(tmp, broker.bootstrap, f"bench.{os.getpid()}", source_extra={"heartbeat_interval": 5.0})
     try:
         v = s.src["vol1"]
         per = args.mib * 2**20 // 64
@@ -71,7 +67,7 @@ def main() -> int:
               f"expected worst case for detection ~{args.mib / 64:.1f} s (one pass)")
     finally:
         s.stop_all()
-        subprocess.run(["bash", str(ks), "stop", "--data", kdata], capture_output=True)
+        broker.stop()
     return 0
 
 

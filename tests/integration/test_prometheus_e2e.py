@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -28,13 +27,12 @@ import yaml
 from daemon.config import KafkaConfig
 from daemon.kafka import send_raw
 
-from ..harness import REPO, Setup, free_port, wait_converged, wait_for
+from ..harness import REPO, Broker, Setup, free_port, wait_converged, wait_for
 
 pytestmark = pytest.mark.kafka
 
 RULES = REPO / "deploy/prometheus/volmirror-alerts.yml"
 DASHBOARD = REPO / "grafana/volmirror.json"
-KAFKA_SH = REPO / "deploy/kafka/kafka.sh"
 # the production thresholds, shortened so the test runs in about two minutes
 FAST_EXPR = {
     "MirrorStalled": [("[5m]", "[5s]")],
@@ -122,19 +120,17 @@ def substitute(expr: str, volume: str) -> str:
 
 
 @pytest.fixture
-def kafka_own(tmp_path):
-    data = tempfile.mkdtemp(prefix="volmirror-e2e-kafka-")
-    port, cport = free_port(), free_port()
-    r = subprocess.run(["bash", str(KAFKA_SH), "start", "--data", data, "--port", str(port), "--controller-port", str(cport)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot start Kafka for the e2e test:\n{r.stderr}")
-    yield f"127.0.0.1:{port}", data
-    subprocess.run(["bash", str(KAFKA_SH), "stop", "--data", data], capture_output=True)
+def kafka_own():
+    try:
+        broker = Broker(prefix="volmirror-e2e-kafka-")
+    except RuntimeError as e:
+        pytest.fail(f"cannot start Kafka for the e2e test: {e}")
+    yield broker
+    broker.stop()
 
 
 def test_dashboard_and_alerts_against_real_prometheus(tmp_path, kafka_own, topic, record_property):
-    bootstrap, kdata = kafka_own
+    bootstrap = kafka_own.bootstrap
     s = Setup(tmp_path, bootstrap, topic, source_extra={"checkpoint_interval": 2.0, "announce_interval": 1.0})
     v = s.src["vol1"]
     (v / "a.bin").write_bytes(os.urandom(600_000))
@@ -210,7 +206,7 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path, kafka_own, topic
 
         # 6. Kafka gone
         t = time.monotonic()
-        subprocess.run(["bash", str(KAFKA_SH), "stop", "--data", kdata], capture_output=True, check=True)
+        kafka_own.stop()
         measure(t, ["KafkaDisconnected"], timeout=90)
     finally:
         print("\nfault → firing (e2e, shortened rule durations):")
