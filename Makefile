@@ -35,6 +35,10 @@ test: deps venv kafka-fetch
 test-unit: venv
 	@$(PY) -m pytest -q tests/unit
 
+bench: venv kafka-fetch
+	@bash deploy/setup/debian-deps.sh bench
+	@$(PY) tests/bench/bench.py
+
 kafka-start: kafka-fetch
 	@bash deploy/kafka/kafka.sh start
 
