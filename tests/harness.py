@@ -33,19 +33,47 @@ class Broker:
 
     SCRIPT = REPO / "deploy" / "kafka" / "kafka.sh"
 
-    def __init__(self, prefix: str = "volmirror-test-kafka-") -> None:
+    def __init__(self, prefix: str = "volmirror-test-kafka-", nodes: int = 1) -> None:
         import tempfile
 
         self.data = tempfile.mkdtemp(prefix=prefix)
-        self.port, cport = free_port(), free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
-        r = subprocess.run(["bash", str(self.SCRIPT), "start", "--data", self.data, "--port", str(self.port), "--controller-port", str(cport)],
-                           capture_output=True, text=True)
+        self.nodes = nodes
+        self.port, cport = (free_port(), free_port()) if nodes == 1 else (free_port_range(nodes), free_port_range(nodes))
+        self.bootstrap = ",".join(f"127.0.0.1:{self.port + i}" for i in range(nodes))
+        r = subprocess.run(["bash", str(self.SCRIPT), "start", "--data", self.data, "--port", str(self.port), "--controller-port", str(cport),
+                            "--nodes", str(nodes)], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"could not start Kafka (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
 
+    def kill_node(self, n: int) -> None:
+        subprocess.run(["bash", str(self.SCRIPT), "kill-node", str(n), "--data", self.data], capture_output=True, check=True)
+
+    def start_node(self, n: int) -> None:
+        subprocess.run(["bash", str(self.SCRIPT), "start-node", str(n), "--data", self.data], capture_output=True, check=True)
+
     def stop(self) -> None:
         subprocess.run(["bash", str(self.SCRIPT), "stop", "--data", self.data], capture_output=True)
+
+
+def free_port_range(n: int) -> int:
+    """The first of n consecutive free loopback ports."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + i))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
 
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
