@@ -139,6 +139,12 @@ def med(x: list[float]) -> float:
 
 
 def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="volmirror benchmarks (docs/benchmarks.md is written only for --scenario all)")
+    ap.add_argument("--scenario", choices=("all", "edit", "repair"), default="all")
+    ap.add_argument("--repair-mib", type=int, default=256, help="volume size for the repair scenario")
+    args = ap.parse_args()
     if shutil.which("rsync") is None:
         print("rsync is missing: run `make bench` (installs it)", file=sys.stderr)
         return 2
@@ -146,11 +152,18 @@ def main() -> int:
     broker = Broker(prefix="vm-bench-kafka-")
     tmp = Path(tempfile.mkdtemp(prefix="vm-bench-"))
     try:
-        e = scenario_edit(broker, tmp)
-        r = scenario_repair(broker, tmp)
+        e = scenario_edit(broker, tmp) if args.scenario in ("all", "edit") else None
+        r = scenario_repair(broker, tmp, args.repair_mib) if args.scenario in ("all", "repair") else None
     finally:
         broker.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    if e is None or r is None:
+        if e:
+            print(f"edit: volmirror median {med(e['lat']):.3f} s (max {max(e['lat']):.3f}), rsync median {med(e['rsync_t']):.3f} s")
+        if r:
+            print(f"repair, {r['mib']} MiB volume: detected median {med(r['det']):.2f} s (max {max(r['det']):.2f}), "
+                  f"repaired median {med(r['rep']):.2f} s (max {max(r['rep']):.2f}); rsync --checksum compare {r['rsync_checksum_t']:.2f} s")
+        return 0
     kafka = re.search(r"<kafka.version>(.*)</kafka.version>", (REPO / "deploy/kafka/pom.xml").read_text()).group(1)
     rsync_ver = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
