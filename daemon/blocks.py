@@ -8,7 +8,7 @@ values, so they are tested with fixed vectors. A file of size S with block size 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import xxhash
 
@@ -76,10 +76,6 @@ def changed(block: Block, known: bytes | None) -> bool:
         return True
     start = block.index * HASH_LEN
     return known[start : start + HASH_LEN] != block.hash
-
-
-def join_hashes(hashes: Iterable[bytes]) -> bytes:
-    return b"".join(hashes)
 
 
 def truncate_hashes(hashes: bytes, size: int, block_size: int) -> bytes:

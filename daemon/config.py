@@ -38,7 +38,6 @@ KAFKA_PASSTHROUGH = {
     "ssl_check_hostname": bool,
     "client_id": str,
 }
-SECRET_KEYS = {"sasl_plain_password", "ssl_password"}
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from .config import KafkaConfig
 from .errors import PermanentError, PublishError, TransientError
@@ -295,7 +295,6 @@ async def send_raw(kc: KafkaConfig, topic: str, records: list[tuple[bytes | None
 
 __all__ = [
     "Consumer",
-    "KafkaConnectionError",
     "MAX_RECORD",
     "Producer",
     "Record",

@@ -56,8 +56,6 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "manifest": {"repair": bool},
     "checkpoint": {"nonce": _STR},
 }
-PATH_OPS = {op for op, f in OPS.items() if "path" in f}
-MUTATING_OPS = PATH_OPS
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,7 @@ def main() -> int:
         f"| detected | {med(r['det']):.2f} s [{max(r['det']):.2f}] | {r['rsync_checksum_t']:.2f} s for one full compare (finds, does not repair) |",
         f"| repaired | {med(r['rep']):.2f} s [{max(r['rep']):.2f}] | – |",
         "",
-        f"Detection waits for the background scrubber to reach the corrupted block: between ~0 and one pass, nominally",
+        "Detection waits for the background scrubber to reach the corrupted block: between ~0 and one pass, nominally",
         f"{r['mib']} MiB / 64 MiB/s ≈ {r['mib'] / 64:.0f} s; the measured maximum ({max(r['det']):.1f} s) shows the effective pass is",
         "slower than nominal (the scrubber runs only between fetches, and each pass ends with a walk for extra files).",
         "Repair after detection is one control-topic request and",
