@@ -14,7 +14,7 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..blocks import HASH_LEN, Block, block_hash, is_zero
+from ..blocks import Block, block_hash, changed, is_zero
 from ..errors import FileChangedError, os_error
 
 SEGMENT_BYTES = 32 * 1024 * 1024
@@ -102,9 +102,8 @@ def read_file(path: str, block_size: int, known: bytes | None, result: ReadResul
             h = block_hash(data)
             result.hashes += h
             result.bytes_read += len(data)
-            old = known[idx * HASH_LEN : (idx + 1) * HASH_LEN] if known is not None else None
             blk = Block(idx, idx * block_size, len(data), h, is_zero(data))
-            if old == h:
+            if not changed(blk, known):
                 seg.unchanged += 1
             else:
                 seg.changed.append((blk, b"" if blk.zero else data))
