@@ -248,3 +248,19 @@ def test_topic_that_cannot_be_created_stops_with_a_clear_message(setup_factory):
     assert rc == 1
     msg = s.source.log_path.read_text()
     assert "cannot create topic" in msg and "replication_factor=3" in msg and "1 broker" in msg
+
+
+def test_source_sigkill_mid_stream_loses_nothing(setup_factory):
+    s = setup_factory()
+    v = s.src["vol1"]
+    s.source.start()
+    m = s.add_mirror().start()
+    for i in range(30):
+        (v / f"f{i:03d}.bin").write_bytes(os.urandom(300_000))
+        if i == 12:
+            wait_for(lambda: s.source.metric("volmirror_source_published_bytes_total", volume="vol1") > 0, 30, "source publishing")
+            s.source.kill()  # crash between reads, sends and index commits
+    with open(v / "f000.bin", "r+b") as f:  # and a change while it is down
+        f.write(b"edited while the source was dead")
+    s.source.start()
+    wait_converged(v, s.mirror_path(), timeout=60, agents=[s.source, m])
