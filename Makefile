@@ -25,9 +25,12 @@ venv: $(STAMP)
 kafka-fetch:
 	@bash deploy/kafka/kafka.sh fetch
 
-run: venv kafka-fetch
+# make run DEMO_SECONDS=N: headless check for CI (sync, live edit, PASS/FAIL, stop) within N s.
+# Debian packages first: kafka-fetch needs Maven.
+run: venv
 	@bash deploy/setup/debian-deps.sh run
-	@bash deploy/demo/run.sh
+	@$(MAKE) --no-print-directory kafka-fetch
+	@DEMO_SECONDS='$(DEMO_SECONDS)' bash deploy/demo/run.sh
 
 test: deps venv kafka-fetch
 	@$(PY) -m pytest -q -ra --durations=10 tests
