@@ -128,6 +128,7 @@ class MirrorConfig:
     repair: bool = True
     scrub_rate_mib: float = 64.0
     rpo_seconds: float = 60.0
+    max_file_size: int = 1 << 44  # bytes; larger files are rejected (too_large); = wire.DEFAULT_MAX_FILE_SIZE
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,7 @@ def _parse_mirror(t: Any, base: Path) -> MirrorConfig:
         repair=s.get("repair", bool, True),
         scrub_rate_mib=s.number("scrub_rate_mib", 64.0, minimum=0.0),
         rpo_seconds=s.number("rpo_seconds", 60.0, minimum=1.0),
+        max_file_size=s.integer("max_file_size", 1 << 44, minimum=1 << 20, maximum=1 << 62),
     )
     s.done()
     return mc

@@ -39,7 +39,8 @@ def entry_key(e: EntryLike) -> tuple:
 def _encode(path: str, key: tuple) -> bytes:
     p = os.fsencode(path)
     if key[0] == "f":
-        return p + b"\0f" + struct.pack(">QIQ", key[1], key[2], key[3]) + key[4]
+        # mtime_ns is signed: files dated before 1970 are legal (same bytes as unsigned when >= 0)
+        return p + b"\0f" + struct.pack(">QIq", key[1], key[2], key[3]) + key[4]
     if key[0] == "d":
         return p + b"\0d" + struct.pack(">I", key[1])
     return p + b"\0l" + os.fsencode(key[1])

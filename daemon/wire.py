@@ -9,8 +9,10 @@ an all-zero block travels with ``zero: true`` and no payload). The record key is
 so all events of one volume land, in order, in one partition.
 
 :func:`decode` trusts nothing: every field is type-checked, paths are checked for shape (relative
-POSIX, no ``..``, no NUL, no empty or ``.`` components), sizes are bounded, and any problem raises
-:class:`~daemon.errors.RejectedEvent` with a bounded reason label. Checking that a path stays inside
+POSIX, no ``..``, no NUL, no empty or ``.`` components, valid UTF-8, at most 255 bytes per component),
+every number is bounded (see the ``MAX_*`` constants: nothing that would make ``pwrite``/``ftruncate``
+fail forever, overflow a signed 64-bit SQLite integer or be NaN/infinite gets through), and any problem
+raises :class:`~daemon.errors.RejectedEvent` with a bounded reason label. Checking that a path stays inside
 the mirror root on disk is the jail's job (``daemon.mirror.jail``); checking a payload against its
 hash happens here, before anything can be written.
 """
@@ -18,12 +20,14 @@ hash happens here, before anything can be written.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .blocks import HASH_LEN, block_hash, zero_hash
-from .config import VOLUME_NAME_RE
+from .config import MAX_BLOCK, MIN_BLOCK, VOLUME_NAME_RE
 from .errors import RejectedEvent
 
 MAGIC = b"VM"
@@ -31,7 +35,18 @@ SCHEMA_VERSION = 1
 _HDR = struct.Struct(">2sBI")
 MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 1024 * 1024
-MAX_PATH = 4096
+MAX_PATH = 4096  # bytes of a relative path
+NAME_MAX = 255  # bytes of one path component (Linux NAME_MAX)
+MAX_LINK = 4095  # bytes of a symlink target (PATH_MAX - 1: symlink(2) refuses longer ones)
+MAX_VOL = 255  # bytes of a volume name: it is a directory name under the mirror root
+DEFAULT_MAX_FILE_SIZE = 1 << 44  # 16 TiB; the mirror's limit comes from mirror.max_file_size
+MAX_I64 = (1 << 63) - 1  # counters and sequence numbers: signed 64-bit (SQLite INTEGER)
+MIN_I64 = -(1 << 63)
+MAX_TS = float(1 << 33)  # source wall clock, seconds: up to year 2242
+MAX_INTERVAL = 86400.0  # announce heartbeat/checkpoint intervals, seconds
+MAX_HOST = 255  # bytes of an announced host name
+MAX_SRC = 4096  # bytes of an announced source path
+EPOCH_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")  # epochs and checkpoint nonces (fullmatch)
 
 # op → fields it must carry (beyond the common ones) with their JSON types.
 _INT = int
@@ -89,19 +104,39 @@ class Event:
         return replace(self, fields={**self.fields, **kw})
 
 
+def _utf8(s: str) -> bytes | None:
+    """UTF-8 bytes of ``s``, or None when it holds lone surrogates (a name that was not UTF-8)."""
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
 def check_relpath(path: Any, what: str = "path") -> str:
-    """Validate the *shape* of a relative POSIX path; return it unchanged or raise RejectedEvent."""
+    """Validate the *shape* of a relative POSIX path; return it unchanged or raise RejectedEvent.
+
+    Besides shape: the path must be valid Unicode without lone surrogates (a name that was not valid
+    UTF-8 at the source arrives surrogate-escaped, and the mirror's index cannot store it), at most
+    MAX_PATH bytes, each component at most NAME_MAX bytes.
+    """
     if not isinstance(path, str):
         raise RejectedEvent("bad_schema", f"{what} must be a string")
-    if not path or len(path.encode("utf-8", "surrogatepass")) > MAX_PATH:
-        raise RejectedEvent("unsafe_path", f"{what} empty or too long")
-    if "\x00" in path:
+    if not path:
+        raise RejectedEvent("unsafe_path", f"{what} is empty")
+    raw = _utf8(path)
+    if raw is None:
+        raise RejectedEvent("unsafe_path", f"{what} is not valid UTF-8 (lone surrogates): {path!r}")
+    if len(raw) > MAX_PATH:
+        raise RejectedEvent("unsafe_path", f"{what} longer than {MAX_PATH} bytes")
+    if b"\x00" in raw:
         raise RejectedEvent("unsafe_path", f"{what} contains NUL")
-    if path.startswith("/"):
+    if raw.startswith(b"/"):
         raise RejectedEvent("unsafe_path", f"{what} is absolute: {path!r}")
-    for comp in path.split("/"):
-        if comp in ("", ".", ".."):
-            raise RejectedEvent("unsafe_path", f"{what} has a {comp or 'empty'!r} component: {path!r}")
+    for comp in raw.split(b"/"):
+        if comp in (b"", b".", b".."):
+            raise RejectedEvent("unsafe_path", f"{what} has a {comp.decode() or 'empty'!r} component: {path!r}")
+        if len(comp) > NAME_MAX:
+            raise RejectedEvent("unsafe_path", f"{what} has a component longer than {NAME_MAX} bytes")
     return path
 
 
@@ -116,17 +151,47 @@ def key_for(vol: str) -> bytes:
     return vol.encode("utf-8")
 
 
-def decode(value: bytes | None, key: bytes | None = None) -> Event:
-    """Parse and validate one record value; raises RejectedEvent (never anything else)."""
+def decode(value: bytes | None, key: bytes | None = None, *, max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> Event:
+    """Parse and validate one record value; raises RejectedEvent (never anything else).
+
+    ``max_file_size`` bounds every file size, offset and length (larger: ``too_large``), so no
+    record can ask the mirror for a write or truncate its file system refuses forever.
+    """
     try:
-        return _decode(value, key)
+        return _decode(value, key, max_file_size)
     except RejectedEvent:
         raise
     except Exception as e:  # anything unexpected in hostile bytes is still just a rejection
         raise RejectedEvent("malformed", f"undecodable record: {type(e).__name__}: {e}") from None
 
 
-def _decode(value: bytes | None, key: bytes | None) -> Event:
+def _reject_constant(name: str) -> Any:
+    raise RejectedEvent("bad_schema", f"non-finite number {name} in header")
+
+
+def _typed(v: Any, typ: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a JSON boolean is never a number."""
+    if isinstance(v, bool):
+        return typ is bool or (isinstance(typ, tuple) and bool in typ)
+    return isinstance(v, typ)
+
+
+def _int_range(op: str, f: dict[str, Any], name: str, lo: int, hi: int) -> None:
+    if name in f and not (lo <= f[name] <= hi):
+        raise RejectedEvent("bad_schema", f"{op}: field {name!r} out of range [{lo}, {hi}]")
+
+
+def _block_size_ok(bs: int) -> bool:
+    return MIN_BLOCK <= bs <= MAX_BLOCK and bs & (bs - 1) == 0
+
+
+def _text(op: str, name: str, v: str, max_bytes: int) -> None:
+    raw = _utf8(v)
+    if not v or raw is None or len(raw) > max_bytes or "\x00" in v:
+        raise RejectedEvent("bad_schema", f"{op}: {name} must be 1..{max_bytes} bytes of UTF-8 without NUL")
+
+
+def _decode(value: bytes | None, key: bytes | None, max_file_size: int) -> Event:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise RejectedEvent("malformed", "record has no value")
     value = bytes(value)
@@ -141,7 +206,7 @@ def _decode(value: bytes | None, key: bytes | None) -> Event:
         raise RejectedEvent("malformed", "header length out of range")
     try:
         # surrogateescape: file names that are not valid UTF-8 travel as their raw bytes
-        hdr = json.loads(value[_HDR.size : _HDR.size + hlen].decode("utf-8", "surrogateescape"))
+        hdr = json.loads(value[_HDR.size : _HDR.size + hlen].decode("utf-8", "surrogateescape"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError):
         raise RejectedEvent("malformed", "header is not UTF-8 JSON") from None
     payload = value[_HDR.size + hlen :]
@@ -153,28 +218,29 @@ def _decode(value: bytes | None, key: bytes | None) -> Event:
     if op not in OPS:
         raise RejectedEvent("bad_schema", f"unknown op {op!r}")
     vol = hdr.get("vol")
-    if not isinstance(vol, str) or not VOLUME_NAME_RE.match(vol) or vol in (".", ".."):
+    if not isinstance(vol, str) or not VOLUME_NAME_RE.fullmatch(vol) or len(vol) > MAX_VOL or vol in (".", ".."):
         raise RejectedEvent("bad_schema", f"bad volume name {vol!r}")
     if key is not None and bytes(key) != key_for(vol):
         raise RejectedEvent("key_mismatch", f"record key does not match volume {vol!r}")
     seq, epoch, ts = hdr.get("seq"), hdr.get("epoch"), hdr.get("ts")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise RejectedEvent("bad_schema", "seq must be a non-negative integer")
-    if not isinstance(epoch, str) or not (1 <= len(epoch) <= 64):
-        raise RejectedEvent("bad_schema", "epoch must be a short string")
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or ts < 0:
-        raise RejectedEvent("bad_schema", "ts must be a non-negative number")
+    if not _typed(seq, int) or not (0 <= seq <= MAX_I64):
+        raise RejectedEvent("bad_schema", "seq must be an integer in [0, 2**63)")
+    if not isinstance(epoch, str) or not EPOCH_RE.fullmatch(epoch):
+        raise RejectedEvent("bad_schema", "epoch must be 1..64 characters of [0-9A-Za-z_-]")
+    # NaN fails every comparison, so it is rejected along with infinities and huge values
+    if not _typed(ts, (int, float)) or not (0 <= ts <= MAX_TS) or not math.isfinite(ts):
+        raise RejectedEvent("bad_schema", f"ts must be a finite number in [0, {MAX_TS:.0f}]")
     fields: dict[str, Any] = {}
     spec = OPS[op]
     for name, typ in spec.items():
         val = hdr.get(name)
-        if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+        if not _typed(val, typ):
             raise RejectedEvent("bad_schema", f"{op}: field {name!r} missing or wrong type")
         fields[name] = val
     for name, typ in OPTIONAL.get(op, {}).items():
         if name in hdr:
             val = hdr[name]
-            if not isinstance(val, typ):
+            if not _typed(val, typ):
                 raise RejectedEvent("bad_schema", f"{op}: field {name!r} wrong type")
             fields[name] = val
     known = {"v", "op", "vol", "seq", "epoch", "ts"} | set(spec) | set(OPTIONAL.get(op, {}))
@@ -187,20 +253,29 @@ def _decode(value: bytes | None, key: bytes | None) -> Event:
         check_relpath(fields["dst"], "dst")
     if op == "symlink":
         t = fields["target"]
-        if not t or "\x00" in t or len(t) > MAX_PATH:
-            raise RejectedEvent("unsafe_path", "symlink target empty, too long or contains NUL")
-    for name in ("off", "len", "size", "mode", "mtime_ns", "id", "files", "bytes", "block_size", "part"):
-        if name in fields and fields[name] < 0:
-            raise RejectedEvent("bad_schema", f"{op}: field {name!r} is negative")
-    if "mode" in fields and fields["mode"] > 0o7777:
-        raise RejectedEvent("bad_schema", f"{op}: mode out of range")
+        raw = _utf8(t)
+        if not t or raw is None or b"\x00" in raw or len(raw) > MAX_LINK:
+            raise RejectedEvent("unsafe_path", f"symlink target empty, longer than {MAX_LINK} bytes, not valid UTF-8 or contains NUL")
+    # numbers: signed 64-bit at most (SQLite), sizes within what the mirror's file system can hold
+    for name in ("off", "len", "size", "id", "files", "bytes"):
+        _int_range(op, fields, name, 0, MAX_I64)
+    if "part" in fields and fields["part"] < 0:
+        raise RejectedEvent("bad_schema", f"{op}: field 'part' is negative")
+    _int_range(op, fields, "mode", 0, 0o7777)
+    _int_range(op, fields, "mtime_ns", MIN_I64, MAX_I64)  # negative: files dated before 1970
+    if "size" in fields and fields["size"] > max_file_size:
+        raise RejectedEvent("too_large", f"{op}: size {fields['size']} exceeds the mirror's max_file_size {max_file_size}")
     for name in ("hash", "root"):
         if name in fields:
             h = fields[name]
             if len(h) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in h):
                 raise RejectedEvent("bad_schema", f"{op}: {name} must be {2 * HASH_LEN} lowercase hex digits")
-    if "bs" in fields and not (1024 <= fields["bs"] <= MAX_PAYLOAD and fields["bs"] & (fields["bs"] - 1) == 0):
-        raise RejectedEvent("bad_schema", f"{op}: bs must be a power of two up to {MAX_PAYLOAD}")
+    if "bs" in fields and not _block_size_ok(fields["bs"]):
+        raise RejectedEvent("bad_schema", f"{op}: bs must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}")
+    if op == "checkpoint" and "nonce" in fields and not EPOCH_RE.fullmatch(fields["nonce"]):
+        raise RejectedEvent("bad_schema", "checkpoint: nonce must be 1..64 characters of [0-9A-Za-z_-]")
+    if op == "announce":
+        _check_announce(fields)
     if op == "listing":
         _check_listing(fields["entries"])
     if op == "block":
@@ -219,6 +294,17 @@ def _check_listing(rows: list) -> None:
             raise RejectedEvent("bad_schema", "listing: malformed entry")
         if r[1] == "f" and (len(r[5]) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in r[5])):
             raise RejectedEvent("bad_schema", "listing: malformed root")
+
+
+def _check_announce(f: dict[str, Any]) -> None:
+    _text("announce", "host", f["host"], MAX_HOST)
+    _text("announce", "src", f["src"], MAX_SRC)
+    if not _block_size_ok(f["block_size"]):
+        raise RejectedEvent("bad_schema", f"announce: block_size must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}")
+    for name in ("heartbeat_interval", "checkpoint_interval"):
+        v = f[name]
+        if not (0 < v <= MAX_INTERVAL) or not math.isfinite(v):
+            raise RejectedEvent("bad_schema", f"announce: {name} must be a finite number in (0, {MAX_INTERVAL:.0f}]")
 
 
 def _check_block(f: dict[str, Any], payload: bytes) -> None:

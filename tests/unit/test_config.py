@@ -113,3 +113,21 @@ def test_cli_check_config_exit_codes(tmp_path):
     assert "source.volumes[0].block_size" in r.stderr
     r = subprocess.run([sys.executable, "-m", "daemon", "check-config", "--config", str(tmp_path / "missing.toml")], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_mirror_max_file_size(tmp_path):
+    from daemon import wire
+
+    assert load(write(tmp_path, GOOD)).mirror.max_file_size == wire.DEFAULT_MAX_FILE_SIZE == 2**44
+    for val in (2**20, 2**40, 2**62):
+        text = GOOD.replace('group_id = "drc-site-1"', f'group_id = "drc-site-1"\nmax_file_size = {val}')
+        assert load(write(tmp_path, text)).mirror.max_file_size == val
+
+
+@pytest.mark.parametrize("val", [str(2**20 - 1), "0", "-1", str(2**62 + 1), "9223372036854775807", "1e12", "true", '"16T"'])
+def test_mirror_max_file_size_rejected(tmp_path, val):
+    text = GOOD.replace('group_id = "drc-site-1"', f'group_id = "drc-site-1"\nmax_file_size = {val}')
+    with pytest.raises(ConfigError) as ei:
+        load(write(tmp_path, text))
+    assert ei.value.key == "mirror.max_file_size"
+    assert "mirror.max_file_size" in str(ei.value)
