@@ -69,6 +69,7 @@ class RejectedEvent(VolmirrorError):
         "key_mismatch",
         "too_large",
         "conflict",
+        "future_seq",
     )
 
     def __init__(self, reason: str, message: str) -> None:

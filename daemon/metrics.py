@@ -181,8 +181,51 @@ class MirrorMetrics(CommonMetrics):
             registry=registry,
         )
         self.rpo_target = Gauge("volmirror_rpo_target_seconds", "Configured RPO target (mirror.rpo_seconds)", ["volume"], registry=registry)
+        self.deleted_files = Counter(
+            "volmirror_mirror_deleted_files_total",
+            "Paths deleted on the mirror, by why: the source's stream said so (stream) or a complete, verified listing did (listing)",
+            ["volume", "reason"],
+            registry=registry,
+        )
+        self.quarantined = Gauge(
+            "volmirror_mirror_quarantined_paths",
+            "Paths whose records this mirror cannot apply (too large, name too long, permission): not protected",
+            ["volume"],
+            registry=registry,
+        )
+        self.quarantine_events = Counter(
+            "volmirror_mirror_quarantined_total", "Records quarantined (skipped after classification), by reason", ["volume", "reason"], registry=registry
+        )
+        self.unprotected_paths = Gauge(
+            "volmirror_mirror_unprotected_paths",
+            "Paths the source reports it cannot replicate (e.g. file names that are not UTF-8)",
+            ["volume"],
+            registry=registry,
+        )
+        self.listings = Counter(
+            "volmirror_mirror_listings_total",
+            "Listings received from the source: compared (complete and verified) or discarded (incomplete, out of order, not verifying)",
+            ["volume", "result"],
+            registry=registry,
+        )
+        self.local_errors = Counter(
+            "volmirror_mirror_local_errors_total",
+            "Local failures (disk full, I/O error, state_dir not writable) that stopped applying until they cleared, by kind",
+            ["kind"],
+            registry=registry,
+        )
+
+    QUARANTINE_REASONS = ("too_large", "name_too_long", "permission", "io")
 
     def init_volume(self, vol: str) -> None:
+        for r in ("stream", "listing"):
+            self.deleted_files.labels(vol, r)
+        self.quarantined.labels(vol)
+        for r in self.QUARANTINE_REASONS:
+            self.quarantine_events.labels(vol, r)
+        self.unprotected_paths.labels(vol)
+        for r in ("compared", "discarded"):
+            self.listings.labels(vol, r)
         self.lag_seconds.labels(vol)
         self.lag_records.labels(vol)
         self.drift_files.labels(vol)

@@ -64,12 +64,15 @@ OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
     # Verification and coverage: a volume digest at a point in the stream, the source's index as a
     # listing (answer to a mirror whose checkpoint disagreed), and a volume announcement.
     "checkpoint": {"id": _INT, "files": _INT, "bytes": _INT, "root": _STR},
-    "listing": {"nonce": _STR, "part": _INT, "last": bool, "entries": list},
+    # listing parts are sequenced like every other event; see daemon.listing for the protocol
+    "listing": {"nonce": _STR, "part": _INT, "last": bool, "entries": list, "phash": _STR},
     "announce": {"host": _STR, "src": _STR, "block_size": _INT, "heartbeat_interval": (int, float), "checkpoint_interval": (int, float)},
 }
 OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "manifest": {"repair": bool},
     "checkpoint": {"nonce": _STR},
+    "listing": {"count": _INT, "root": _STR},  # required on the last part
+    "announce": {"unprotected": _INT},  # paths the source cannot replicate (e.g. names not UTF-8)
 }
 
 
@@ -277,7 +280,7 @@ def _decode(value: bytes | None, key: bytes | None, max_file_size: int) -> Event
     if op == "announce":
         _check_announce(fields)
     if op == "listing":
-        _check_listing(fields["entries"])
+        _check_listing(fields)
     if op == "block":
         _check_block(fields, payload)
     elif payload:
@@ -285,13 +288,31 @@ def _decode(value: bytes | None, key: bytes | None, max_file_size: int) -> Event
     return Event(op=op, vol=vol, seq=seq, epoch=epoch, ts=float(ts), fields=fields, payload=payload)
 
 
-def _check_listing(rows: list) -> None:
+MAX_LISTING_ROWS = 4096  # per part; a part is ~24 KiB of JSON, far fewer rows
+
+
+def _check_listing(f: dict[str, Any]) -> None:
+    if not EPOCH_RE.fullmatch(f["nonce"]):
+        raise RejectedEvent("bad_schema", "listing: nonce must be 1..64 characters of [0-9A-Za-z_-]")
+    if not 0 <= f["part"] <= MAX_I64:
+        raise RejectedEvent("bad_schema", "listing: part out of range")
+    if len(f["phash"]) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in f["phash"]):
+        raise RejectedEvent("bad_schema", "listing: phash must be lowercase hex")
+    if f["last"] != ("count" in f and "root" in f):
+        raise RejectedEvent("bad_schema", "listing: count and root come with the last part, and only with it")
+    if "count" in f and not 0 <= f["count"] <= MAX_I64:
+        raise RejectedEvent("bad_schema", "listing: count out of range")
+    rows = f["entries"]
+    if len(rows) > MAX_LISTING_ROWS:
+        raise RejectedEvent("bad_schema", f"listing: more than {MAX_LISTING_ROWS} rows in one part")
     for r in rows:
         if not (isinstance(r, list) and len(r) == 6 and r[1] in ("f", "d", "l")):
             raise RejectedEvent("bad_schema", "listing: malformed entry")
         check_relpath(r[0])
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r[2:5]) or not isinstance(r[5], str):
+        if not all(_typed(x, int) for x in r[2:5]) or not isinstance(r[5], str):
             raise RejectedEvent("bad_schema", "listing: malformed entry")
+        if not (0 <= r[2] <= MAX_I64 and 0 <= r[3] <= 0o7777 and MIN_I64 <= r[4] <= MAX_I64):
+            raise RejectedEvent("bad_schema", "listing: number out of range")
         if r[1] == "f" and (len(r[5]) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in r[5])):
             raise RejectedEvent("bad_schema", "listing: malformed root")
 
@@ -299,6 +320,8 @@ def _check_listing(rows: list) -> None:
 def _check_announce(f: dict[str, Any]) -> None:
     _text("announce", "host", f["host"], MAX_HOST)
     _text("announce", "src", f["src"], MAX_SRC)
+    if "unprotected" in f and not 0 <= f["unprotected"] <= MAX_I64:
+        raise RejectedEvent("bad_schema", "announce: unprotected out of range")
     if not _block_size_ok(f["block_size"]):
         raise RejectedEvent("bad_schema", f"announce: block_size must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}")
     for name in ("heartbeat_interval", "checkpoint_interval"):

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from daemon import wire
+from daemon import listing, wire
 from daemon.blocks import block_hash, zero_hash
 from daemon.errors import RejectedEvent
 
@@ -30,7 +30,7 @@ GOOD = [
     ev("heartbeat"),
     ev("checkpoint", id=3, files=10, bytes=100, root="f" * 32),
     ev("checkpoint", id=4, files=0, bytes=0, root="e" * 32, nonce="n1"),
-    ev("listing", nonce="n1", part=0, last=True, entries=[["a", "f", 5, 420, 1, "0" * 32], ["d", "d", 0, 493, 0, ""], ["l", "l", 0, 0, 0, "t"]]),
+    ev("listing", **next(listing.parts([["a", "f", 5, 420, 1, "0" * 32], ["d", "d", 0, 493, 0, ""], ["l", "l", 0, 0, 0, "t"]], "n1"))),
     ev("announce", host="h", src="/srv/x", block_size=131072, heartbeat_interval=5.0, checkpoint_interval=60.0),
 ]
 
@@ -138,7 +138,7 @@ def test_non_utf8_file_name_rejected():
 
 @pytest.mark.parametrize("entries", [[["../x", "f", 1, 1, 1, "0" * 32]], [["a", "x", 0, 0, 0, ""]], [["a", "f", 1, 1, 1, "zz"]], [["a", "f", -1, 1, 1, "0" * 32]], ["a"]])
 def test_bad_listing_rejected(entries):
-    raw = wire.encode(ev("listing", nonce="n", part=0, last=True, entries=entries))
+    raw = wire.encode(ev("listing", nonce="n", part=0, last=True, entries=entries, phash="0" * 32, count=1, root="0" * 32))
     with pytest.raises(RejectedEvent):
         wire.decode(raw, b"vol1")
 
