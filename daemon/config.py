@@ -129,6 +129,7 @@ class MirrorConfig:
     scrub_rate_mib: float = 64.0
     rpo_seconds: float = 60.0
     max_file_size: int = 1 << 44  # bytes; larger files are rejected (too_large); = wire.DEFAULT_MAX_FILE_SIZE
+    accept_new_source: tuple[str, ...] = ()  # volumes whose source host / block size may change (operator action)
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,10 @@ def _parse_mirror(t: Any, base: Path) -> MirrorConfig:
     for i, v in enumerate(vols):
         if not VOLUME_NAME_RE.match(v):
             raise ConfigError(f"mirror.volumes[{i}]", f"must match [A-Za-z0-9._-]+, got {v!r}")
+    accept = s.string_list("accept_new_source")
+    for i, v in enumerate(accept):
+        if not VOLUME_NAME_RE.match(v):
+            raise ConfigError(f"mirror.accept_new_source[{i}]", f"must match [A-Za-z0-9._-]+, got {v!r}")
     mc = MirrorConfig(
         root=root,
         state_dir=state_dir,
@@ -346,6 +351,7 @@ def _parse_mirror(t: Any, base: Path) -> MirrorConfig:
         scrub_rate_mib=s.number("scrub_rate_mib", 64.0, minimum=0.0),
         rpo_seconds=s.number("rpo_seconds", 60.0, minimum=1.0),
         max_file_size=s.integer("max_file_size", 1 << 44, minimum=1 << 20, maximum=1 << 62),
+        accept_new_source=accept,
     )
     s.done()
     return mc

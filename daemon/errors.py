@@ -37,6 +37,11 @@ class PublishError(TransientError):
     """Kafka did not take or did not acknowledge records; the batch is retried."""
 
 
+class StateError(TransientError):
+    """The agent's state_dir cannot be written (disk full, I/O error): state rolled back to the last
+    durable point; the agent reports it and retries until space returns."""
+
+
 class PermanentError(VolmirrorError):
     """Retrying will not help (topic cannot be created, state directory unwritable)."""
 

@@ -100,13 +100,15 @@ class Agent:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
+        self.seams: list[str] = []  # e.g. ["--drop", "delete:x"]: run through tests/seams.py (mirror only)
 
     def start(self, wait_ready: bool = True) -> "Agent":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("NOTIFY_SOCKET", None)
         logf = open(self.log_path, "ab")
+        entry = ["-m", "tests.seams", *self.seams, "--"] if self.seams else ["-m", "daemon"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", self.kind, "--config", str(self.config), "--log-format", "json", "--log-level", "debug"],
+            [sys.executable, *entry, self.kind, "--config", str(self.config), "--log-format", "json", "--log-level", "debug"],
             cwd=REPO, env=env, stdout=logf, stderr=logf, start_new_session=True,
         )
         logf.close()

@@ -1,16 +1,14 @@
-"""The mirror agent: consume, validate, apply, make durable, commit offsets; verify and repair.
+"""The mirror agent: Kafka in, the apply actor in the middle, offsets and control requests out.
 
-Data path: Kafka record → :func:`daemon.wire.decode` (schema, shape, hash) → duplicate check by
-(epoch, seq) → :mod:`jail` → :class:`Applier` → :class:`Verifier` (index upkeep, manifest and
-checkpoint checks) → durability point (fsync files and directories, index + progress in one SQLite
-transaction) → offset commit. Auto-commit is off; an offset is committed only after the changes of
-every record before it are durable. A rejected record is counted in
-``volmirror_mirror_rejected_events_total{volume,reason}``, logged, skipped; the agent goes on. A local
-I/O failure (disk full) is not skipped: the partition is rewound to the failed record and retried.
+This module owns the Kafka side and the agent's public face: the consumer loop, offset commits,
+repair requests on ``<topic>.control``, the ``/status`` and ``/verify`` endpoints and the protection
+verdict per volume. Everything that touches the mirror's disk or index belongs to the apply actor
+(:mod:`daemon.mirror.consumer`); this module talks to it with messages and reads its snapshot.
 
-All work on the mirror's files (applying, scrubbing, verifying) runs on worker threads under one
-lock, so the scrubber never races the applier. Repair requests are queued by the verifier and sent
-on ``<topic>.control`` by the event loop.
+Offsets: auto-commit is off; an offset is committed only after the changes of every record before
+it are durable. A retryable local failure (disk full) rewinds the partition to the failed record and
+retries with backoff; a state_dir failure rewinds every partition to the last durable offsets (the
+index was rolled back to that point) and retries with backoff — nothing is skipped, nothing crashes.
 """
 
 from __future__ import annotations
@@ -18,54 +16,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 
 from ..config import VOLUME_NAME_RE, Config, ConfigError
-from ..errors import RejectedEvent
-from ..kafka import Consumer, Producer, Record, ensure_topics
+from ..errors import StateError
+from ..kafka import Consumer, Producer, ensure_topics
 from ..metrics import HttpServer, MirrorMetrics
 from ..runtime import StopSignal, periodic, retry_transient, sd_notify, supervise, write_snapshot
-from ..wire import Event, decode, key_for
-from .applier import Applier, ApplyError
-from .mindex import MirrorIndex
-from .verifier import Scrubber, Verifier
+from ..wire import key_for
+from .applier import ApplyError
+from .consumer import ApplyActor, Faults
 
 log = logging.getLogger("volmirror.mirror")
 
 DURABLE_BYTES = 64 * 1024 * 1024
-UNKNOWN_VOLUME = "_unknown"
 MAX_VOLUME_LABELS = 256
 VERIFY_WAIT = 60.0
 
 
-@dataclass
-class BatchResult:
-    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    rewind: dict[tuple[str, int], int] = field(default_factory=dict)
-    applied: int = 0
-    error: str | None = None
-
-
-@dataclass
-class Announcement:
-    host: str
-    src: str
-    block_size: int
-    heartbeat_interval: float
-    checkpoint_interval: float
-    seen: float
-
-
 class MirrorAgent:
-    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None, *, faults: Faults | None = None) -> None:
         self.cfg = cfg
         self.mc = cfg.require_mirror()
         self.registry = registry or CollectorRegistry()
@@ -77,22 +53,18 @@ class MirrorAgent:
         self.position: dict[tuple[str, int], int] = {}
         self.highwater: dict[tuple[str, int], int] = {}
         self.known_volumes: set[str] = set()
-        self.announced: dict[str, Announcement] = {}
         self.kafka_ok = False
-        self.lock = threading.Lock()
-        self.outbox: deque[dict] = deque()
-        self._undurable_bytes = 0
+        self._labels_lock = threading.Lock()
+        self.faults = faults
+        self.outbox: deque[dict] = deque()  # control requests queued by the actor (thread-safe appends)
         self._last_durable = time.monotonic()
         self._pending_commit: dict[tuple[str, int], int] = {}
+        self._durable: dict[tuple[str, int], int] = {}  # next offset per partition as of the last durable point
         self._failures = 0
         self._scrub_tokens = 0.0
         self._scrub_at = time.monotonic()
         self._scrub_rr = 0
         self._verifying = 0
-        # test builds only: drop events of this op for this path, to simulate a lost change
-        self._drop = tuple(os.environ.get("VOLMIRROR_TEST_DROP", "").split(":", 1)) if os.environ.get("VOLMIRROR_TEST_DROP") else None
-        # test builds only: while this file exists, every apply fails like a full disk would
-        self._stall_file = os.environ.get("VOLMIRROR_TEST_STALL_FILE") or None
 
     def mirrored(self, vol: str) -> bool:
         return not self.mc.volumes or vol in self.mc.volumes
@@ -105,12 +77,7 @@ class MirrorAgent:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ConfigError(key, f"cannot create {d}: {e.strerror}") from None
-        self.idx = MirrorIndex(mc.state_dir / "mirror.sqlite")
-        self.applier = Applier(mc.root)
-        self.verifier = Verifier(self.idx, self.applier, self.m, repair=mc.repair, send=self.outbox.append)
-        self.scrubber = Scrubber(self.verifier)
-        for v in self.idx.volumes:
-            self._init_volume(v)
+        self.actor = ApplyActor(mc, self.m, send=self.outbox.append, mirrored=self.mirrored, on_volume=self._init_volume, faults=self.faults)
         host, port = self.cfg.metrics.host_port
         http = HttpServer(host, port, self.registry, self.status, routes={"/verify": self.http_verify})
         try:
@@ -130,31 +97,34 @@ class MirrorAgent:
             await self._supervise()
         finally:
             try:
-                await asyncio.to_thread(self._locked, self._make_durable)
-                await self._commit()
+                await self._durable_commit()
             except Exception as e:  # noqa: BLE001 - shutting down; replay covers it
                 log.warning("final commit failed: %s", e)
             await self.consumer.stop()
             await self.producer.stop()
-            self.applier.close()
-            self.idx.close()
             await http.stop()
             write_snapshot(mc.state_dir, self.status())
+            self.actor.close()
 
-    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self.lock:
-            return fn(*args)
+    @property
+    def announced(self) -> dict[str, Any]:
+        return self.actor.announced if hasattr(self, "actor") else {}
 
-    def _init_volume(self, vol: str) -> None:
-        """Create a volume's series at zero; a volume not mirrored here only gets `protected` = 0."""
-        if vol in self.known_volumes or len(self.known_volumes) >= MAX_VOLUME_LABELS:
-            return
-        self.known_volumes.add(vol)
+    def _init_volume(self, vol: str) -> bool:
+        """Create a volume's series at zero (a volume not mirrored here only gets `protected` = 0).
+        False when the label budget is spent: the caller uses a shared label instead."""
+        with self._labels_lock:
+            if vol in self.known_volumes:
+                return True
+            if len(self.known_volumes) >= MAX_VOLUME_LABELS:
+                return False
+            self.known_volumes.add(vol)
         self.m.protected.labels(vol).set(0)
         if self.mirrored(vol):
             self.m.init_volume(vol)
             self.m.init_rejections(vol)
             self.m.rpo_target.labels(vol).set(self.mc.rpo_seconds)
+        return True
 
     async def _supervise(self) -> None:
         await supervise(
@@ -177,140 +147,72 @@ class MirrorAgent:
                 await asyncio.sleep(1.0)
                 continue
             if recs:
-                res = await asyncio.to_thread(self._locked, self._apply_records, recs)
+                res = await self.actor.call(self.actor.apply_records, recs)
+                if res.state_error:
+                    await self._state_failed(res.state_error)
+                    continue
                 for tp, off in res.next_offsets.items():
                     self.position[tp] = off
                     self._pending_commit[tp] = off
                 if res.error:
-                    self._failures += 1
-                    backoff = min(2.0 ** self._failures, 30.0)
+                    backoff = self._backoff()
                     log.error("apply failed: %s; retrying in %.0f s", res.error, backoff)
-                    await asyncio.to_thread(self._locked, self._make_durable)
-                    await self._commit()
+                    if not await self._durable_commit():
+                        continue
                     for (t, p), off in res.rewind.items():
                         self.consumer.seek(t, p, off)
+                        self.position[(t, p)] = off
                     await asyncio.sleep(backoff)
                     continue
                 self._failures = 0
             if self._pending_commit and (
-                time.monotonic() - self._last_durable >= self.mc.commit_interval_ms / 1000 or self._undurable_bytes >= DURABLE_BYTES
+                time.monotonic() - self._last_durable >= self.mc.commit_interval_ms / 1000 or self.actor.undurable_bytes >= DURABLE_BYTES
             ):
-                await asyncio.to_thread(self._locked, self._make_durable)
-                await self._commit()
+                await self._durable_commit()
             await self._send_requests()
             if not recs:
                 await self._scrub()
 
-    def _apply_records(self, recs: list[Record]) -> BatchResult:
-        """Runs in a worker thread under the lock: decode, filter, dedupe and apply, in offset order."""
-        res = BatchResult()
-        failed: set[tuple[str, int]] = set()
-        for r in recs:
-            tp = (r.topic, r.partition)
-            if tp in failed:
-                continue
-            try:
-                ev = decode(r.value, r.key)
-            except RejectedEvent as e:
-                self._reject(r, None, e)
-                res.next_offsets[tp] = r.offset + 1
-                continue
-            try:
-                self._apply_event(r, ev)
-            except RejectedEvent as e:
-                self._reject(r, ev, e)
-            except ApplyError as e:
-                self.m.apply_errors.labels(ev.vol).inc()
-                res.error = f"{e} (volume {ev.vol}, partition {r.partition}, offset {r.offset})"
-                res.rewind[tp] = r.offset
-                failed.add(tp)
-                continue
-            res.next_offsets[tp] = r.offset + 1
-            res.applied += 1
-        return res
+    def _backoff(self) -> float:
+        self._failures += 1
+        return min(2.0 ** self._failures, 30.0)
 
-    def _apply_event(self, r: Record, ev: Event) -> None:
-        vol = ev.vol
-        if self._stall_file and os.path.exists(self._stall_file):
-            raise ApplyError(f"TEST BUILD: injected apply failure ({self._stall_file} exists)")
-        if ev.op == "announce":
-            self.announced[vol] = Announcement(ev["host"], ev["src"], ev["block_size"], float(ev["heartbeat_interval"]),
-                                               float(ev["checkpoint_interval"]), time.time())
-            self._init_volume(vol)
-            if self.mirrored(vol):
-                self.verifier.announced(ev)
-            return
-        if not self.mirrored(vol):
-            return
-        self._init_volume(vol)
-        self.partition_of[vol] = r.partition
-        prog = self.idx.progress(vol)
-        prog.partition = r.partition
-        if ev.op == "heartbeat":
-            self._seen(ev, prog)
-            self.m.applied_events.labels(vol, "heartbeat").inc()
-            return
-        if ev.op == "listing":
-            self.verifier.listing(ev)
-            return
-        if self.idx.is_duplicate(vol, ev.epoch, ev.seq):
-            return
-        if prog.epoch and prog.epoch != ev.epoch:
-            log.warning("volume %s: source epoch changed %s -> %s (source state was reset)", vol, prog.epoch, ev.epoch, extra={"volume": vol})
-        if ev.op == "checkpoint":
-            prog.epoch, prog.seq = ev.epoch, ev.seq
-            self._seen(ev, prog)
-            self.verifier.checkpoint(ev)
-            return
-        if self._drop and self._drop == (ev.op, ev.path):
-            log.warning("TEST BUILD: dropping %s %s", ev.op, ev.path, extra={"volume": vol, "path": ev.path})
-            prog.epoch, prog.seq = ev.epoch, ev.seq
-            return
-        if ev.op == "rename":
-            # durability barrier: everything before the rename is made durable and recorded, then
-            # the rename itself, so a replay never re-runs a rename after later ops
-            self._make_durable()
-            n = self.applier.apply(ev)
-            self.verifier.applied(ev)
-            self.applier.sync()
-            prog.epoch, prog.seq = ev.epoch, ev.seq
-            self._seen(ev, prog)
-            self.idx.checkpoint()
-        else:
-            n = self.applier.apply(ev)
-            self.verifier.applied(ev)
-            prog.epoch, prog.seq = ev.epoch, ev.seq
-            self._seen(ev, prog)
-        self._undurable_bytes += n
-        op = "zero" if ev.op == "block" and ev["zero"] else ev.op
-        self.m.applied_events.labels(vol, op).inc()
-        if n:
-            self.m.applied_bytes.labels(vol).inc(n)
-
-    def _seen(self, ev: Event, prog: Any) -> None:
-        if ev.ts > prog.last_ts:
-            prog.last_ts = ev.ts
-            self.m.last_event_ts.labels(ev.vol).set(ev.ts)
-
-    def _reject(self, r: Record, ev: Event | None, e: RejectedEvent) -> None:
-        vol = ev.vol if ev is not None else _safe_key(r.key)
-        if vol not in self.known_volumes:
-            self._init_volume(vol) if vol != UNKNOWN_VOLUME else None
-            if vol not in self.known_volumes:
-                vol = UNKNOWN_VOLUME
-        self.m.rejected.labels(vol, e.reason).inc()
-        log.warning(
-            "rejected event: %s",
-            e,
-            extra={"volume": vol, "path": ev.path if ev is not None else None, "partition": r.partition, "offset": r.offset,
-                   "reason": e.reason, "event": "rejected", "op": ev.op if ev is not None else None},
-        )
-
-    def _make_durable(self) -> None:
-        self.applier.sync()
-        self.idx.checkpoint()
-        self._undurable_bytes = 0
+    async def _durable_commit(self) -> bool:
+        """Make everything applied durable, then commit the offsets. False if it could not (handled)."""
+        try:
+            await self.actor.call(self.actor.make_durable)
+        except ApplyError as e:
+            self.m.local_errors.labels("disk").inc()
+            await self._state_failed(f"fsync failed: {e}")
+            return False
+        except StateError as e:
+            await self._state_failed(str(e))
+            return False
         self._last_durable = time.monotonic()
+        self._durable.update(self._pending_commit)
+        await self._commit()
+        return True
+
+    async def _state_failed(self, why: str) -> None:
+        """The index (or an fsync) could not be written: back to the last durable point and retry."""
+        await self.actor.call(self.actor.reset)
+        self._pending_commit.clear()
+        backoff = self._backoff()
+        log.error("cannot make applied changes durable (%s); re-reading from the last durable offsets in %.0f s", why, backoff,
+                  extra={"event": "state_error"})
+        for tp in list(self.position):
+            off = self._durable.get(tp)
+            if off is None:
+                try:
+                    off = await self.consumer.committed(*tp)
+                except Exception:  # noqa: BLE001
+                    off = None
+            if off is None:
+                begin = await self.consumer.beginning_offsets([tp])
+                off = begin.get(tp, 0)
+            self.consumer.seek(tp[0], tp[1], off)
+            self.position[tp] = off
+        await asyncio.sleep(backoff)
 
     async def _commit(self) -> None:
         if not self._pending_commit:
@@ -345,13 +247,14 @@ class MirrorAgent:
         now = time.monotonic()
         self._scrub_tokens = min(self._scrub_tokens + rate * (now - self._scrub_at), max(rate, 1.0))
         self._scrub_at = now
-        vols = sorted(v for v in self.known_volumes if self.mirrored(v) and v in self.idx.volumes)
+        snap = self.actor.snap
+        vols = sorted(v for v in self.known_volumes if self.mirrored(v) and v in snap and snap[v].epoch)
         if rate <= 0 or not vols or self._scrub_tokens < 64 * 1024 or self._verifying:
             return
         vol = vols[self._scrub_rr % len(vols)]
         self._scrub_rr += 1
         budget = int(min(self._scrub_tokens, 8 * 1024 * 1024))
-        used = await asyncio.to_thread(self._locked, self.scrubber.step, vol, budget)
+        used = await self.actor.call(self.actor.scrub_step, vol, budget)
         self._scrub_tokens -= used
 
     # -- verify (the `volmirror verify` command talks to this) --------------------------------------
@@ -362,8 +265,9 @@ class MirrorAgent:
             wait = min(max(float(q.get("timeout", VERIFY_WAIT)), 1.0), 3600.0)
         except ValueError:
             return 400, {"error": "timeout must be a number of seconds"}
-        vols = [vol] if vol else sorted(v for v in (set(self.idx.volumes) | set(self.announced)) if self.mirrored(v))
-        if vol and (not VOLUME_NAME_RE.match(vol) or vol not in (set(self.idx.volumes) | set(self.announced))):
+        known = set(self.actor.snap) | set(self.announced)
+        vols = [vol] if vol else sorted(v for v in known if self.mirrored(v))
+        if vol and (not VOLUME_NAME_RE.match(vol) or vol not in known):
             return 404, {"error": f"volume {vol!r} is not known to this mirror"}
         if vol and not self.mirrored(vol):
             return 400, {"error": f"volume {vol!r} is not mirrored at this site"}
@@ -375,36 +279,51 @@ class MirrorAgent:
             return 504, {"error": str(e)}
 
     async def verify(self, vols: list[str], *, repair: bool, wait: float = VERIFY_WAIT) -> dict[str, Any]:
-        v = self.verifier
+        actor = self.actor
+        v = actor.verifier
+
+        def begin() -> dict[str, dict[str, str]]:
+            v.repair = repair  # overlapping calls: the latest wins while any runs; config restored after the last
+            if actor.drift.recorder is None:
+                actor.drift.recorder = {}
+            return actor.drift.recorder
+
+        def end() -> None:
+            if self._verifying == 0:
+                v.repair = self.mc.repair
+                actor.drift.recorder = None
+
         self._verifying += 1
-        saved = v.repair
-        v.repair = repair
-        found: dict[str, dict[str, str]] = {x: {} for x in vols}
-        v.recorder = found
+        found = await actor.call(begin)
+        for x in vols:
+            found.pop(x, None)
         out: dict[str, Any] = {"volumes": {}, "repair": repair, "site": self.mc.group_id}
         try:
             for vol in vols:
                 nonce = uuid.uuid4().hex
                 self.outbox.append({"type": "checkpoint", "vol": vol, "nonce": nonce})
                 await self._send_requests()
-                res = await self._wait(lambda: v.results.get(nonce), f"a checkpoint of {vol} from the source (is the source agent running?)", wait)
+                res = await self._wait(lambda: v.results.get(nonce), f"a checkpoint of {vol} from the source (no answer on the "
+                                       "event stream: is the source agent running and connected?)", wait)
                 listing_ok = True
-                if not res.match:
-                    listing_ok = bool(await self._wait(lambda: res.listing_nonce in v.listing_done if res.listing_nonce else True,
-                                                       f"the listing of {vol} from the source", wait))
-                await asyncio.to_thread(self._locked, self.scrubber.full_pass, vol)
-                drift = found.get(vol, {})
+                if res.listing_nonce:
+                    listing_ok = bool(await self._wait(lambda: res.listing_nonce in v.listing_done,
+                                                       f"the listing of {vol}: the source answered the checkpoint (id {res.id}) but its "
+                                                       "listing was not received and compared in time (the source defers listings "
+                                                       "while it is still scanning)", wait))
+                await actor.call(actor.full_pass, vol)
+                drift = dict(found.get(vol, {}))
+                now = actor.snap.get(vol)
                 out["volumes"][vol] = {
-                    "identical": res.match and not drift and v.drift_count(vol) == 0,
+                    "identical": res.match and not drift and (now.drift if now else 0) == 0,
                     "checkpoint": {"id": res.id, "source_time": res.ts, "match": res.match},
                     "drift": [{"path": p, "kind": k} for p, k in sorted(drift.items())],
-                    "drift_files_now": v.drift_count(vol),
+                    "drift_files_now": now.drift if now else 0,
                     "listing_compared": listing_ok,
                 }
         finally:
-            v.repair = saved
-            v.recorder = None
             self._verifying -= 1
+            await actor.call(end)
         out["identical"] = all(x["identical"] for x in out["volumes"].values())
         return out
 
@@ -467,8 +386,9 @@ class MirrorAgent:
     def _update_lag(self) -> None:
         now = time.time()
         topic = self.cfg.kafka.topic
+        snap = self.actor.snap
         for vol in list(self.known_volumes):
-            prog = self.idx.volumes.get(vol)
+            prog = snap.get(vol)
             if prog is not None and prog.last_ts > 0:
                 self.m.lag_seconds.labels(vol).set(max(0.0, now - prog.last_ts))
             part = self.partition_of.get(vol, prog.partition if prog else -1)
@@ -482,17 +402,22 @@ class MirrorAgent:
             self.m.protected.labels(vol).set(1 if self.coverage(vol, now)["protected"] else 0)
 
     def coverage(self, vol: str, now: float | None = None) -> dict[str, Any]:
+        """Whether ``vol`` is protected here, and every reason it is not."""
         now = now or time.time()
         ann = self.announced.get(vol)
-        prog = self.idx.volumes.get(vol) if hasattr(self, "idx") else None
+        prog = self.actor.snap.get(vol) if hasattr(self, "actor") else None
         hb = ann.heartbeat_interval if ann else 5.0
         cp = ann.checkpoint_interval if ann else 60.0
         lag = (now - prog.last_ts) if prog and prog.last_ts else None
-        verified = self.verifier.last_verified.get(vol) if hasattr(self, "verifier") else None
-        drift = self.verifier.drift_count(vol) if hasattr(self, "verifier") else 0
+        verified = prog.last_verified if prog else None
+        drift = prog.drift if prog else 0
+        quarantined = prog.quarantined if prog else 0
+        unprotected = ann.unprotected if ann else 0
         reasons = []
         if not self.mirrored(vol):
             reasons.append("not mirrored at this site")
+        if prog is not None and prog.conflict:
+            reasons.append("source identity conflict (see log; mirror.accept_new_source)")
         if lag is None or lag > max(3 * hb, 10.0):
             reasons.append("no fresh heartbeat")
         if lag is None or lag > self.mc.rpo_seconds:
@@ -501,14 +426,20 @@ class MirrorAgent:
             reasons.append("not verified recently")
         if drift:
             reasons.append(f"{drift} drifted path(s)")
-        return {"protected": not reasons, "why_not": reasons, "lag_seconds": lag, "last_verified": verified, "drift_files": drift}
+        if quarantined:
+            reasons.append(f"{quarantined} quarantined path(s)")
+        if unprotected:
+            reasons.append(f"{unprotected} path(s) the source cannot replicate")
+        return {"protected": not reasons, "why_not": reasons, "lag_seconds": lag, "last_verified": verified, "drift_files": drift,
+                "quarantined": quarantined, "unprotected_paths": unprotected}
 
     def status(self) -> dict[str, Any]:
         vols = {}
         now = time.time()
+        snap = self.actor.snap if hasattr(self, "actor") else {}
         names = set(self.known_volumes) | set(self.announced)
         for vol in sorted(names):
-            prog = self.idx.volumes.get(vol) if hasattr(self, "idx") else None
+            prog = snap.get(vol)
             ann = self.announced.get(vol)
             cov = self.coverage(vol, now)
             vols[vol] = {
@@ -524,6 +455,8 @@ class MirrorAgent:
                 "files_applied": _gauge(self.m.applied_events, vol, "manifest"),
                 "last_verified": cov["last_verified"],
                 "drift_files": cov["drift_files"],
+                "quarantined": cov["quarantined"],
+                "unprotected_paths": cov["unprotected_paths"],
                 "protected": cov["protected"],
                 "why_not_protected": cov["why_not"],
             }
@@ -545,12 +478,3 @@ def _gauge(metric: Any, *labels: str) -> float | None:
         return metric.labels(*labels)._value.get()
     except Exception:  # noqa: BLE001
         return None
-
-
-def _safe_key(key: bytes | None) -> str:
-    try:
-        k = (key or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return UNKNOWN_VOLUME
-    return k if VOLUME_NAME_RE.match(k) and len(k) <= 128 else UNKNOWN_VOLUME
-

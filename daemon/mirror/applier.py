@@ -30,7 +30,26 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ApplyError(TransientError):
-    """A local I/O failure while applying (disk full, permissions): retry, never skip."""
+    """A local I/O failure while applying (disk full, permissions, name too long).
+
+    ``errno`` tells the agent what to do (:func:`daemon.mirror.repair.classify`): retry the record
+    later, or quarantine its path and move on. ``path`` is relative to the mirror root."""
+
+    def __init__(self, message: str, errno_: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.path = path
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
+    """``os.pwrite`` until every byte is written; a write that makes no progress is ENOSPC."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write: no bytes written")
+        view = view[n:]
+        off += n
 
 
 class Applier:
@@ -47,7 +66,7 @@ class Applier:
             try:
                 os.makedirs(r, exist_ok=True)
             except OSError as e:
-                raise ApplyError(f"cannot create volume root {r}: {e.strerror}") from None
+                raise ApplyError(f"cannot create volume root {r}: {e.strerror}", e.errno, vol) from None
             self._made_roots.add(r)
         return r
 
@@ -58,8 +77,8 @@ class Applier:
         try:
             return getattr(self, "_op_" + ev.op)(vr, full, ev)
         except OSError as e:
-            err = os_error(ev.op, os.path.relpath(full, self.root), e)
-            raise ApplyError(str(err)) from None
+            rel = os.path.relpath(full, self.root)
+            raise ApplyError(str(os_error(ev.op, rel, e)), e.errno, rel) from None
 
     def sync(self) -> None:
         """fsync every touched file and directory; close the file descriptors."""
@@ -79,7 +98,7 @@ class Applier:
                     os.close(dfd)
             self._dirs.clear()
         except OSError as e:
-            raise ApplyError(f"fsync failed: {e.strerror}") from None
+            raise ApplyError(f"fsync failed: {e.strerror}", e.errno) from None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -173,9 +192,9 @@ class Applier:
         n = ev["len"]
         if ev["zero"]:
             if os.fstat(fd).st_size > ev["off"]:  # beyond EOF the size op leaves zeros anyway
-                os.pwrite(fd, _zeros(n), ev["off"])
+                pwrite_all(fd, _zeros(n), ev["off"])
             return 0
-        os.pwrite(fd, ev.payload, ev["off"])
+        pwrite_all(fd, ev.payload, ev["off"])
         return n
 
     def _op_truncate(self, vr: str, full: str, ev: Event) -> int:

@@ -11,12 +11,14 @@ Everything here runs on the mirror's apply thread; only the in-memory progress i
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..blocks import HASH_LEN
+from ..errors import StateError
 from ..index import Entry, SourceIndex
 
 UNKNOWN = b"\0" * HASH_LEN
@@ -29,6 +31,16 @@ CREATE TABLE IF NOT EXISTS progress (
     last_ts   REAL NOT NULL,
     partition INTEGER NOT NULL DEFAULT -1
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    volume    TEXT NOT NULL,
+    path      TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    "offset"  INTEGER NOT NULL,
+    ts        REAL NOT NULL,
+    detail    TEXT NOT NULL,
+    PRIMARY KEY (volume, path)
+) WITHOUT ROWID;
 """
 
 
@@ -58,12 +70,12 @@ class FileRec:
 class MirrorIndex(SourceIndex):
     def __init__(self, db_path: Path) -> None:
         super().__init__(db_path)
+        self.db_path = db_path
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_PROGRESS)
         self.lock = threading.Lock()
         self.volumes: dict[str, VolumeProgress] = {}
-        for vol, epoch, seq, ts, part in self.db.execute("SELECT volume, epoch, seq, last_ts, partition FROM progress"):
-            self.volumes[vol] = VolumeProgress(epoch, seq, ts, part)
+        self._load_progress()
         self._cache: dict[tuple[str, str], FileRec] = {}
         self.gen: dict[tuple[str, str], int] = {}  # bumped on every change, for the scrubber
 
@@ -78,16 +90,79 @@ class MirrorIndex(SourceIndex):
         p = self.volumes.get(vol)
         return p is not None and p.epoch == epoch and seq <= p.seq
 
+    def _load_progress(self) -> None:
+        self.quarantine: dict[str, dict[str, tuple]] = {}
+        for vol, path, reason, part, off, ts, detail in self.db.execute('SELECT volume, path, reason, partition, "offset", ts, detail FROM quarantine'):
+            self.quarantine.setdefault(vol, {})[path] = (reason, part, off, ts, detail)
+        self.volumes.clear()
+        for vol, epoch, seq, ts, part in self.db.execute("SELECT volume, epoch, seq, last_ts, partition FROM progress"):
+            self.volumes[vol] = VolumeProgress(epoch, seq, ts, part)
+
     def checkpoint(self) -> None:
-        """Write cached files and progress in one transaction (call after fsync)."""
+        """Write cached files and progress in one transaction (call after fsync).
+
+        On failure (state_dir full) everything goes back to the last durable point — the open
+        transaction, the cached files and the in-memory progress — and StateError is raised: the
+        caller must re-read the stream from the offsets of that point. Progress is never saved
+        ahead of the index."""
         with self.lock:
-            self.begin()
-            for (vol, _), rec in self._cache.items():
-                self.put(vol, rec.entry())
+            try:
+                self.begin()
+                for (vol, _), rec in self._cache.items():
+                    self.put(vol, rec.entry())
+                rows = [(k, v.epoch, v.seq, v.last_ts, v.partition) for k, v in self.volumes.items() if v.epoch]
+                self.db.executemany("INSERT OR REPLACE INTO progress (volume, epoch, seq, last_ts, partition) VALUES (?,?,?,?,?)", rows)
+                self.commit()
+            except sqlite3.Error as e:
+                self.reset()
+                raise StateError(f"cannot write the mirror index {self.db_path}: {e}") from None
             self._cache.clear()
-            rows = [(k, v.epoch, v.seq, v.last_ts, v.partition) for k, v in self.volumes.items() if v.epoch]
-            self.db.executemany("INSERT OR REPLACE INTO progress (volume, epoch, seq, last_ts, partition) VALUES (?,?,?,?,?)", rows)
-            self.commit()
+
+    def reset(self) -> None:
+        """Back to the last committed state (after a failed write): drop the open transaction, the
+        cached files and in-memory progress."""
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self._in_tx = False
+        self._cache.clear()
+        self._load_progress()
+
+    # -- quarantine: paths whose records this mirror cannot apply ----------------------------------
+    def quarantine_add(self, vol: str, path: str, reason: str, partition: int, offset: int, ts: float, detail: str) -> bool:
+        new = path not in self.quarantine.get(vol, {})
+        self.quarantine.setdefault(vol, {})[path] = (reason, partition, offset, ts, detail)
+        self.begin()
+        self.db.execute('INSERT OR REPLACE INTO quarantine (volume, path, reason, partition, "offset", ts, detail) VALUES (?,?,?,?,?,?,?)',
+                        (vol, path, reason, partition, offset, ts, detail))
+        return new
+
+    def quarantine_clear(self, vol: str, path: str, *, tree: bool = False) -> list[str]:
+        q = self.quarantine.get(vol)
+        if not q:
+            return []
+        pre = path + "/"
+        gone = [p for p in q if p == path or (tree and p.startswith(pre))]
+        if gone:
+            self.begin()
+            for p in gone:
+                del q[p]
+                self.db.execute("DELETE FROM quarantine WHERE volume=? AND path=?", (vol, p))
+        return gone
+
+    def is_quarantined(self, vol: str, path: str) -> bool:
+        q = self.quarantine.get(vol)
+        if not q:
+            return False
+        if path in q:
+            return True
+        i = path.rfind("/")
+        while i > 0:  # below a quarantined directory
+            if path[:i] in q:
+                return True
+            i = path.rfind("/", 0, i)
+        return False
 
     # -- entries --------------------------------------------------------------------------------
     def touch(self, vol: str, path: str) -> None:
@@ -115,9 +190,17 @@ class MirrorIndex(SourceIndex):
         return rec.entry() if rec is not None else self.get(vol, path)
 
     def set_entry(self, vol: str, e: Entry) -> None:
-        self._drop_cached(vol, e.path)
+        """Record a directory or symlink at ``e.path``.
+
+        A directory that is already a directory keeps everything below it: a ``mkdir`` for an
+        existing directory (a ``chmod``, an inode change, a directory published after its first
+        files) changes its metadata only. Rows below the path are dropped only when the *kind*
+        changes, which the applier mirrors on disk (the stream replaced the tree)."""
+        old = self.lookup(vol, e.path)
+        keep_below = old is not None and old.kind == e.kind == "d"
+        self._drop_cached(vol, e.path, tree=not keep_below)
         self.begin()
-        if e.kind != "f":
+        if not keep_below:
             self.delete_tree(vol, e.path)
         self.put(vol, e)
         self.touch(vol, e.path)
@@ -140,6 +223,11 @@ class MirrorIndex(SourceIndex):
         """Every entry of a volume, cache included (flushes the cache into the open transaction)."""
         self._flush_cached(vol, None, tree=True)
         return self.iter_volume(vol)
+
+    def paths(self, vol: str) -> list[str]:
+        """Every path of a volume (cache included), in path order."""
+        self._flush_cached(vol, None, tree=True)
+        return [r[0] for r in self.db.execute("SELECT path FROM entries WHERE volume=? ORDER BY path", (vol,))]
 
     def _matching(self, vol: str, path: str | None, tree: bool) -> list[tuple[str, str]]:
         if path is None:

@@ -110,6 +110,9 @@ class ListingSpool:
         if part_hash(ev["entries"]) != ev["phash"]:
             raise ListingError(f"listing part {ev['part']}: rows do not match their hash")
 
+    def has(self, vol: str, path: str) -> bool:
+        return self.db.execute("SELECT 1 FROM rows WHERE volume=? AND path=?", (vol, path)).fetchone() is not None
+
     def rows(self, vol: str) -> Iterator[Row]:
         """The rows of the volume's complete listing, in path order (bytewise UTF-8)."""
         cur = self.db.execute("SELECT path, kind, size, mode, mtime_ns, x FROM rows WHERE volume=? ORDER BY path", (vol,))

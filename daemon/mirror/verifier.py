@@ -1,6 +1,7 @@
-"""Proving the mirror: index upkeep, manifest and checkpoint checks, listings, scrubbing, drift.
+"""Proving the mirror: index upkeep, manifest and checkpoint checks, listing reconciliation.
 
-Runs on the mirror's apply thread (under the agent's apply lock), so it never races the applier.
+Owned by the apply actor (:mod:`daemon.mirror.consumer`) and run on its thread, so it never races
+the applier.
 
 * **Index upkeep** (:meth:`Verifier.applied`): every applied op updates the mirror index; a block
   records its hash, a manifest compares the root over the recorded hashes with the source's root —
@@ -8,14 +9,16 @@ Runs on the mirror's apply thread (under the agent's apply lock), so it never ra
 * **Checkpoints** (:meth:`Verifier.checkpoint`): at the checkpoint's point in the stream the mirror
   computes the digest of its index and compares it with the source's. Equal → "identical as of T"
   (``volmirror_last_verified_timestamp_seconds``). Unequal → it asks the source for a listing.
-* **Listings** (:meth:`Verifier.listing`): the source's index at one point of the stream; compared
-  path by path with the mirror index, they name the paths that drifted (and the extra ones).
-* **Scrubbing** (:class:`Scrubber`): re-reads mirror files from disk at a bounded rate and compares
-  them with the index: catches bit rot, and edits, deletions and additions made on the mirror host.
-* **Drift and repair**: each drifted path is counted by kind, logged with its path, and (with
-  ``repair`` on) repaired: metadata, directories, symlinks and extra files locally from what the index
-  or listing says; file content by asking the source, through the control topic, for the blocks
-  that differ from the mirror's (the request carries the mirror's block hashes).
+* **Listings** (:meth:`Verifier.listing`): the source's index at one point of the stream, received
+  in sequenced, verified parts (:mod:`daemon.mirror.spool`). Only a *complete, verified* listing
+  that this mirror asked for is compared, path by path, with the mirror's index **and disk**
+  (:mod:`daemon.mirror.repair` decides): files already on disk are hashed and adopted when they
+  are the source's (an index that was lost or behind is rebuilt without transfers), only differing
+  blocks are fetched, and a path is deleted only because the listing proves the source lacks it
+  (``volmirror_mirror_deleted_files_total{reason="listing"}``).
+* **Scrub results** (:meth:`Verifier.scrubbed`, from :mod:`daemon.mirror.scrubber`): a drifted
+  file is re-fetched, metadata fixed from the index; a file the index does not know is recorded as
+  ``extra`` drift and answered with a listing request — never deleted on the scrubber's word.
 """
 
 from __future__ import annotations
@@ -25,22 +28,28 @@ import os
 import stat
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
-from ..blocks import HASH_LEN, block_count, block_hash, file_root
-from ..digest import entry_key, volume_digest
+from ..blocks import HASH_LEN, block_count, file_root
+from ..digest import volume_digest
 from ..index import Entry
+from ..listing import Row
 from ..wire import Event
-from .applier import Applier
+from . import repair as R
+from ..errors import RejectedEvent
+from .applier import Applier, ApplyError
+from .drift import Drift
 from .mindex import UNKNOWN, MirrorIndex
+from .scrubber import disk_hashes, disk_kind
+from .spool import ListingError, ListingSpool
 
 log = logging.getLogger("volmirror.mirror.verify")
 
-KINDS = ("content", "missing", "extra", "metadata")
 REREQUEST_AFTER = 30.0
 LISTING_EVERY = 300.0  # a persistent mismatch (repair off) asks for a listing at most this often
+LISTING_RETRY = 60.0  # an extra path found by the scrubber asks again after this long
+NONCE_TTL = 3600.0  # a listing we asked for is acted on if it arrives within this time
 
 
 @dataclass
@@ -54,51 +63,34 @@ class CheckpointResult:
 
 
 class Verifier:
-    def __init__(self, index: MirrorIndex, applier: Applier, metrics: Any, *, repair: bool, send: Callable[[dict], None]) -> None:
+    def __init__(self, index: MirrorIndex, applier: Applier, metrics: Any, drift: Drift, spool: ListingSpool, *, repair: bool,
+                 send: Callable[[dict], None], is_quarantined: Callable[[str, str], bool] = lambda v, p: False) -> None:
         self.idx = index
         self.ap = applier
         self.m = metrics
+        self.drift = drift
+        self.spool = spool
         self.repair = repair
         self.send = send  # queue a control request (called on the apply thread; sent by the agent)
-        self.drift: dict[str, dict[str, str]] = {}
+        self.quarantined = is_quarantined
         self.requested: dict[tuple[str, str], float] = {}
         self.last_verified: dict[str, float] = {}
         self.results: dict[str, CheckpointResult] = {}  # by nonce, for `verify`
-        self.listings: dict[str, list] = {}  # nonce → rows being received
         self.listing_done: set[str] = set()
         self.block_size: dict[str, int] = {}
-        self.recorder: dict[str, dict[str, str]] | None = None  # drift found while `verify` runs
+        self.asked: dict[str, float] = {}  # listing nonces this mirror asked for → monotonic time
         self._listing_asked: dict[str, float] = {}
 
-    # -- drift registry -------------------------------------------------------------------------
+    # -- drift shortcuts ------------------------------------------------------------------------
     def found(self, vol: str, path: str, kind: str, detail: str) -> bool:
-        if self.recorder is not None:
-            self.recorder.setdefault(vol, {})[path] = kind
-        d = self.drift.setdefault(vol, {})
-        new = d.get(path) != kind
-        d[path] = kind
-        if new:
-            self.m.drift_detected.labels(vol, kind).inc()
-            log.warning("drift (%s) %s: %s", kind, path, detail, extra={"volume": vol, "path": path, "kind": kind, "event": "drift"})
-        self.m.drift_files.labels(vol).set(len(d))
-        return new
+        return self.drift.found(vol, path, kind, detail)
 
     def resolved(self, vol: str, path: str, *, tree: bool = False) -> None:
-        d = self.drift.get(vol)
-        if not d:
-            return
-        pre = path + "/"
-        gone = [p for p in d if p == path or (tree and p.startswith(pre))]
-        for p in gone:
-            del d[p]
+        for p in self.drift.resolved(vol, path, tree=tree):
             self.requested.pop((vol, p), None)
-            self.m.repairs.labels(vol).inc()
-            log.info("drift resolved: %s", p, extra={"volume": vol, "path": p, "event": "repaired"})
-        if gone:
-            self.m.drift_files.labels(vol).set(len(d))
 
     def drift_count(self, vol: str) -> int:
-        return len(self.drift.get(vol, {}))
+        return self.drift.count(vol)
 
     # -- index upkeep -----------------------------------------------------------------------------
     def applied(self, ev: Event) -> None:
@@ -144,6 +136,7 @@ class Verifier:
         elif op == "rename":
             idx.move(vol, path, ev["dst"])
             self.resolved(vol, path, tree=True)
+            self.resolved(vol, ev["dst"], tree=True)
 
     def _fit(self, vol: str, rec: Any) -> None:
         bs = self.block_size.get(vol) or 131072
@@ -158,7 +151,7 @@ class Verifier:
 
     # -- repair requests ------------------------------------------------------------------------
     def request_file(self, vol: str, path: str, hashes: bytes | None) -> None:
-        if not self.repair:
+        if not self.repair or self.quarantined(vol, path):
             return
         k = (vol, path)
         now = time.monotonic()
@@ -169,8 +162,17 @@ class Verifier:
 
     def request_listing(self, vol: str) -> str:
         nonce = uuid.uuid4().hex
+        now = time.monotonic()
+        self.asked = {n: t for n, t in self.asked.items() if now - t < NONCE_TTL}
+        self.asked[nonce] = now
+        self._listing_asked[vol] = now
         self.send({"type": "listing", "vol": vol, "nonce": nonce})
         return nonce
+
+    def maybe_request_listing(self, vol: str, every: float) -> str | None:
+        if time.monotonic() - self._listing_asked.get(vol, -1e9) < every:
+            return None
+        return self.request_listing(vol)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self, ev: Event) -> CheckpointResult:
@@ -182,83 +184,148 @@ class Verifier:
         if match:
             self.last_verified[vol] = ev.ts
             self.m.last_verified.labels(vol).set(ev.ts)
+            # the index equals the source's: what the scrubber called "extra" is not in the index
+            # either, so it still shows; a listing is the only thing that clears it
             log.debug("checkpoint %d of %s matches (%d files, %d bytes)", ev["id"], vol, files, nbytes, extra={"volume": vol, "event": "checkpoint"})
         else:
             log.warning(
-                "checkpoint %d of %s does not match: source %d files/%d bytes, mirror %d files/%d bytes",
+                "checkpoint %d of %s does not match: source %d files/%d bytes, mirror index %d files/%d bytes",
                 ev["id"], vol, ev["files"], ev["bytes"], files, nbytes, extra={"volume": vol, "event": "checkpoint_mismatch"},
             )
-            now = time.monotonic()
+        if not match or any(k == "extra" for k in self.drift.paths.get(vol, {}).values()):
             every = REREQUEST_AFTER if self.repair else LISTING_EVERY
-            if res.nonce or now - self._listing_asked.get(vol, -1e9) >= every:
-                self._listing_asked[vol] = now
-                res.listing_nonce = self.request_listing(vol)
+            res.listing_nonce = self.request_listing(vol) if res.nonce else self.maybe_request_listing(vol, every)
         if res.nonce:
             self.results[res.nonce] = res
         return res
 
+    # -- listings -------------------------------------------------------------------------------
     def listing(self, ev: Event, *, repair: bool | None = None) -> dict[str, str] | None:
-        """Collect a listing's parts; at the last one compare with the index. Returns drift found."""
-        nonce = ev["nonce"]
-        rows = self.listings.setdefault(nonce, [])
-        rows.extend(ev["entries"])
-        if not ev["last"]:
+        """Take one listing part (already deduplicated by (epoch, seq)); compare once complete."""
+        vol = ev.vol
+        try:
+            done = self.spool.add(ev)
+        except ListingError as e:
+            self.m.listings.labels(vol, "discarded").inc()
+            log.warning("listing of %s discarded, nothing compared: %s", vol, e, extra={"volume": vol, "event": "listing_discarded"})
             return None
-        del self.listings[nonce]
-        self.listing_done.add(nonce)
-        return self.compare_listing(ev.vol, rows, repair=self.repair if repair is None else repair)
+        if done is None:
+            return None
+        try:
+            if done.nonce not in self.asked:
+                # valid, but not an answer to us (another site's, or replayed after our restart):
+                # acting on it would be safe, but nothing asked for it — keep the rule simple
+                log.info("listing %s of %s is not one this mirror asked for; ignored", done.nonce, vol, extra={"volume": vol})
+                return None
+            del self.asked[done.nonce]
+            self.listing_done.add(done.nonce)
+            self.m.listings.labels(vol, "compared").inc()
+            return self.reconcile(vol, self.spool.rows(vol), repair=self.repair if repair is None else repair)
+        finally:
+            self.spool.discard(vol)
 
-    def compare_listing(self, vol: str, rows: list, *, repair: bool) -> dict[str, str]:
-        src: dict[str, Entry] = {}
-        for r in rows:
-            path, kind, size, mode, mtime, x = r
-            if kind == "f":
-                src[path] = Entry(path, "f", size, mtime, 0, mode, None, b"", bytes.fromhex(x))
-            elif kind == "d":
-                src[path] = Entry(path, "d", mode=mode)
-            else:
-                src[path] = Entry(path, "l", target=x)
-        mine = {e.path: e for e in self.idx.entries(vol)}
+    def reconcile(self, vol: str, rows: Iterator[Row], *, repair: bool) -> dict[str, str]:
+        """Bring the mirror to a complete, verified listing (rows in path order). Returns drift found.
+
+        Pass 1 walks the listing: each path is checked against the index and the disk. Pass 2
+        walks the index and the disk for paths the listing does not have: those are the only
+        deletions, and each is justified by this listing."""
         out: dict[str, str] = {}
         vr = self.ap.vol_root(vol)
-        for path, se in src.items():
-            me = mine.get(path)
-            dk = _disk_kind(os.path.join(vr, path))
-            if me is not None and entry_key(me) == entry_key(se) and dk == se.kind:
+        for src in rows:
+            if self.quarantined(vol, src.path):
                 continue
-            if me is None or dk is None:
-                kind = "missing"
-            elif me.kind != se.kind or dk != se.kind:
-                kind = "content"
-            elif se.kind == "d" or (se.kind == "f" and (me.size, bytes(me.root)) == (se.size, bytes(se.root))):
-                kind = "metadata"
-            else:
-                kind = "content"
-            out[path] = kind
-            self.found(vol, path, kind, "differs from the source's listing")
-            if repair:
-                self._repair_from(vol, se, me, kind)
-        for path in sorted(set(mine) - set(src)):
-            if any(path.startswith(p + "/") for p in out if out[p] == "extra"):
+            mine = self.idx.lookup(vol, src.path)
+            full = os.path.join(vr, src.path)
+            d = R.listing_action(src, mine, disk_kind(full), touched=False)
+            hashes = None
+            if d.action == R.COMPARE:
+                d, hashes = self._compare(vol, src, full)
+            if d.drift:
+                out[src.path] = d.drift
+                self.found(vol, src.path, d.drift, "differs from the source's listing")
+            if not repair:
                 continue
+            try:
+                self._repair_listed(vol, src, mine, full, d, hashes)
+            except (ApplyError, RejectedEvent, OSError) as e:
+                log.warning("cannot repair %s from the listing: %s", src.path, e, extra={"volume": vol, "path": src.path})
+        extra = list(self._unlisted(vol, vr))
+        for path in extra:
             out[path] = "extra"
-            self.found(vol, path, "extra", "not in the source's listing")
-            if repair:
-                self._local(Event("delete", vol, 0, "", 0.0, {"path": path}))
+            self.found(vol, path, "extra", "not in the source's complete listing")
+            if not repair:
+                continue
+            n = _count_files(os.path.join(vr, path))
+            try:
+                self._local(Event("rmtree", vol, 0, "", 0.0, {"path": path}))
+            except (ApplyError, RejectedEvent, OSError) as e:
+                log.warning("cannot delete %s (not in the source's listing): %s", path, e, extra={"volume": vol, "path": path})
+                continue
+            self.m.deleted_files.labels(vol, "listing").inc(n)
+            log.warning("deleted %s (%d file(s)): the source's complete listing does not have it", path, n,
+                        extra={"volume": vol, "path": path, "event": "deleted", "reason": "listing"})
+            self.resolved(vol, path, tree=True)
         return out
 
-    def _repair_from(self, vol: str, se: Entry, me: Entry | None, kind: str) -> None:
-        """Repair one path towards the source's entry ``se``."""
-        if se.kind == "d":
-            self._local(Event("mkdir", vol, 0, "", 0.0, {"path": se.path, "mode": se.mode}))
-        elif se.kind == "l":
-            self._local(Event("symlink", vol, 0, "", 0.0, {"path": se.path, "target": se.target}))
-        elif kind == "metadata" and me is not None:
-            self._local(Event("manifest", vol, 0, "", 0.0, {"path": se.path, "size": se.size, "mode": se.mode, "mtime_ns": se.mtime_ns, "root": bytes(se.root).hex()}))
-        else:
-            full = os.path.join(self.ap.vol_root(vol), se.path)
-            hashes = disk_hashes(full, self.block_size.get(vol) or 131072) if _disk_kind(full) == "f" else None
-            self.request_file(vol, se.path, hashes)
+    def _repair_listed(self, vol: str, src: Row, mine: Entry | None, full: str, d: R.Decision, hashes: bytes | None) -> None:
+        if hashes is not None and d.action == R.OK:
+            self._adopt(vol, src, hashes)  # the data on disk is the source's: no transfer
+        elif d.action == R.MKDIR:
+            self._local(Event("mkdir", vol, 0, "", 0.0, {"path": src.path, "mode": src.mode}))
+        elif d.action == R.SYMLINK:
+            self._local(Event("symlink", vol, 0, "", 0.0, {"path": src.path, "target": src.target}))
+        elif d.action == R.FETCH:
+            bs = self.block_size.get(vol) or 131072
+            self.request_file(vol, src.path, disk_hashes(full, bs) if disk_kind(full) == "f" else None)
+        elif d.action == R.OK and mine is not None:
+            self.resolved(vol, src.path)
+
+    def _unlisted(self, vol: str, vr: str) -> Iterator[str]:
+        """Paths in the index or on disk that the spooled listing lacks (topmost only)."""
+        seen: set[str] = set()
+        for path in self.idx.paths(vol):
+            if not self.spool.has(vol, path) and not _under(path, seen):
+                seen.add(path)
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            try:
+                it = os.scandir(os.path.join(vr, rel) if rel else vr)
+            except OSError:
+                continue
+            with it:
+                for de in it:
+                    r = f"{rel}/{de.name}" if rel else de.name
+                    if r in seen or _under(r, seen):
+                        continue
+                    if not self.spool.has(vol, r):
+                        seen.add(r)
+                    elif de.is_dir(follow_symlinks=False):
+                        stack.append(r)
+        return iter(sorted(p for p in seen if not self.quarantined(vol, p)))
+
+    def _compare(self, vol: str, src: Row, full: str) -> tuple[R.Decision, bytes | None]:
+        """A regular file is on disk where the listing has a file: hash it (adopt it, or fetch what differs)."""
+        try:
+            st = os.lstat(full)
+        except OSError:
+            return R.Decision(R.FETCH, "missing"), None
+        hashes = disk_hashes(full, self.block_size.get(vol) or 131072)
+        if hashes is None:
+            return R.Decision(R.FETCH, "content"), None
+        d = R.compared_file(src, st.st_size, file_root(hashes, st.st_size), stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+        return d, hashes
+
+    def _adopt(self, vol: str, src: Row, hashes: bytes) -> None:
+        """Record a file already on disk as the source's (same size and root); fix mode/mtime locally."""
+        bs = self.block_size.get(vol) or 131072
+        self.ap.apply(Event("manifest", vol, 0, "", 0.0, {"path": src.path, "size": src.size, "mode": src.mode,
+                                                          "mtime_ns": src.mtime_ns, "root": src.root.hex(), "bs": bs}))
+        rec = self.idx.file(vol, src.path)
+        rec.size, rec.mode, rec.mtime_ns, rec.hashes, rec.root = src.size, src.mode, src.mtime_ns, bytearray(hashes), src.root
+        self.idx.touch(vol, src.path)
+        self.resolved(vol, src.path)
 
     def _local(self, ev: Event) -> None:
         """Apply a locally built op (repair from what the index or a listing says)."""
@@ -271,12 +338,15 @@ class Verifier:
             return
         kind, detail = problem.split(":", 1)
         self.found(vol, e.path, kind, detail.strip())
+        if kind == "extra":
+            # the index does not know it: the index may be lost or behind, so only the source's
+            # complete listing may say whether it goes (never deleted on the scrubber's word)
+            if self.repair:
+                self.maybe_request_listing(vol, LISTING_RETRY)
+            return
         if not self.repair:
             return
-        if kind == "extra":
-            self._local(Event("delete", vol, 0, "", 0.0, {"path": e.path}))
-            self.resolved(vol, e.path, tree=True)
-        elif kind == "metadata" and e.kind == "f":
+        if kind == "metadata" and e.kind == "f":
             self._local(Event("manifest", vol, 0, "", 0.0, {"path": e.path, "size": e.size, "mode": e.mode, "mtime_ns": e.mtime_ns, "root": bytes(e.root).hex()}))
         elif e.kind == "d":
             self._local(Event("mkdir", vol, 0, "", 0.0, {"path": e.path, "mode": e.mode}))
@@ -286,182 +356,23 @@ class Verifier:
             self.request_file(vol, e.path, disk)
 
 
-def _disk_kind(p: str) -> str | None:
+def _under(path: str, tops: set[str]) -> bool:
+    i = path.rfind("/")
+    while i > 0:
+        if path[:i] in tops:
+            return True
+        i = path.rfind("/", 0, i)
+    return False
+
+
+def _count_files(full: str) -> int:
     try:
-        m = os.lstat(p).st_mode
+        st = os.lstat(full)
     except OSError:
-        return None
-    return "f" if stat.S_ISREG(m) else "d" if stat.S_ISDIR(m) else "l" if stat.S_ISLNK(m) else "o"
-
-
-def disk_hashes(path: str, block_size: int) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    out = bytearray()
-    try:
-        while True:
-            b = os.read(fd, block_size)
-            if not b:
-                break
-            out += block_hash(b)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return bytes(out)
-
-
-@dataclass
-class _Pass:
-    paths: deque = field(default_factory=deque)
-    started: float = 0.0
-    cur: Entry | None = None
-    cur_gen: int = 0
-    fd: int = -1
-    off: int = 0
-    hashes: bytearray = field(default_factory=bytearray)
-    bad: str | None = None  # content problem (takes precedence)
-    meta: str | None = None  # metadata problem
-
-
-class Scrubber:
-    """Re-reads mirror files against the index, a bounded number of bytes per step."""
-
-    CHUNK = 4 * 1024 * 1024
-
-    def __init__(self, verifier: Verifier) -> None:
-        self.v = verifier
-        self.passes: dict[str, _Pass] = {}
-        self.last_pass: dict[str, float] = {}
-        self.bytes_read = 0
-
-    def step(self, vol: str, budget: int) -> int:
-        """Scrub up to ``budget`` bytes of volume ``vol``; returns bytes read (0 = pass finished)."""
-        p = self.passes.get(vol)
-        if p is None:
-            p = self.passes[vol] = _Pass(started=time.time())
-            p.paths.extend(sorted(e.path for e in self.v.idx.entries(vol)))
-        used = 0
-        while used < budget or budget <= 0:
-            if p.cur is None:
-                if not p.paths:
-                    self._finish(vol, p)
-                    return used
-                path = p.paths.popleft()
-                e = self.v.idx.lookup(vol, path)
-                if e is None:
-                    continue
-                used += self._start(vol, p, e) + 4096  # a stat's worth, so tiny files are bounded too
-                continue
-            used += self._read(vol, p, min(self.CHUNK, budget - used) if budget > 0 else self.CHUNK)
-        return used
-
-    def full_pass(self, vol: str) -> None:
-        """A whole pass now, at full speed (for `verify`)."""
-        self.passes.pop(vol, None)
-        while True:
-            self.step(vol, 0)
-            if vol not in self.passes:
-                return
-
-    def _start(self, vol: str, p: _Pass, e: Entry) -> int:
-        full = os.path.join(self.v.ap.vol_root(vol), e.path)
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            self.v.scrubbed(vol, e, "missing: not on the mirror's disk", None)
-            return 0
-        except OSError as err:
-            self.v.scrubbed(vol, e, f"missing: cannot stat ({err.strerror})", None)
-            return 0
-        kind = "f" if stat.S_ISREG(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode) else "l" if stat.S_ISLNK(st.st_mode) else "o"
-        if kind != e.kind:
-            self.v.scrubbed(vol, e, f"content: is a {kind!r} on disk, index says {e.kind!r}", None)
-            return 0
-        if kind == "d":
-            if stat.S_IMODE(st.st_mode) != e.mode:
-                self.v.scrubbed(vol, e, f"metadata: mode {stat.S_IMODE(st.st_mode):o}, expected {e.mode:o}", None)
-            return 0
-        if kind == "l":
-            t = os.readlink(full)
-            if t != e.target:
-                self.v.scrubbed(vol, e, f"content: symlink target {t!r}, expected {e.target!r}", None)
-            return 0
-        p.bad = f"content: size {st.st_size}, expected {e.size}" if st.st_size != e.size else None
-        p.meta = None
-        if stat.S_IMODE(st.st_mode) != e.mode or st.st_mtime_ns != e.mtime_ns:
-            p.meta = f"metadata: mode {stat.S_IMODE(st.st_mode):o}/mtime {st.st_mtime_ns}, expected {e.mode:o}/{e.mtime_ns}"
-        try:
-            p.fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as err:
-            self.v.scrubbed(vol, e, f"content: cannot open ({err.strerror})", None)
-            return 0
-        p.cur, p.cur_gen, p.off, p.hashes = e, self.v.idx.gen.get((vol, e.path), 0), 0, bytearray()
         return 0
-
-    def _read(self, vol: str, p: _Pass, limit: int) -> int:
-        e = p.cur
-        if self.v.idx.gen.get((vol, e.path), 0) != p.cur_gen:
-            self._close(p)  # written since we started: it will be checked on the next pass
-            return 0
-        bs = self.v.block_size.get(vol) or 131072
-        n = 0
-        try:
-            while n < max(limit, bs):
-                b = os.pread(p.fd, bs, p.off)
-                if not b:
-                    self._done(vol, p)
-                    return n
-                h = block_hash(b)
-                i = p.off // bs
-                known = e.hashes[i * HASH_LEN : (i + 1) * HASH_LEN]
-                if p.bad is None and known not in (h, UNKNOWN, b""):
-                    p.bad = f"content: block {i} (offset {p.off}) differs from what was applied"
-                p.hashes += h
-                p.off += len(b)
-                n += len(b)
-        except OSError as err:
-            p.bad = f"content: read error ({err.strerror})"
-            self._done(vol, p)
-        self.bytes_read += n
-        self.v.m.scrub_bytes.labels(vol).inc(n)
-        return n
-
-    def _done(self, vol: str, p: _Pass) -> None:
-        e = p.cur
-        self._close(p)
-        if p.bad is None and e is not None:
-            # a file that was never announced in full (UNKNOWN hashes) counts as content drift
-            if len(p.hashes) == len(e.hashes) and bytes(e.root) and file_root(bytes(p.hashes), e.size) != bytes(e.root):
-                p.bad = "content: root of the data on disk differs from the manifest"
-        if e is not None:
-            self.v.scrubbed(vol, e, p.bad or p.meta, bytes(p.hashes))
-
-    def _close(self, p: _Pass) -> None:
-        if p.fd >= 0:
-            os.close(p.fd)
-        p.fd, p.cur = -1, None
-
-    def _finish(self, vol: str, p: _Pass) -> None:
-        # extra files: on disk but not in the index
-        vr = self.v.ap.vol_root(vol)
-        known = {e.path for e in self.v.idx.entries(vol)}
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            try:
-                it = os.scandir(os.path.join(vr, rel) if rel else vr)
-            except OSError:
-                continue
-            with it:
-                for de in it:
-                    r = f"{rel}/{de.name}" if rel else de.name
-                    if r not in known:
-                        self.v.scrubbed(vol, Entry(r, "?"), "extra: on the mirror's disk but not in the source's tree", None)
-                    elif de.is_dir(follow_symlinks=False):
-                        stack.append(r)
-        del self.passes[vol]
-        self.last_pass[vol] = time.time()
-        self.v.m.scrub_last_pass.labels(vol).set(self.last_pass[vol])
+    if not stat.S_ISDIR(st.st_mode):
+        return 1
+    n = 0
+    for _, dirs, files in os.walk(full):
+        n += len(files) + sum(1 for d in dirs if os.path.islink(os.path.join(_, d)))
+    return n

@@ -83,7 +83,7 @@ def test_lost_change_caught_by_checkpoint_and_repaired(setup_factory):
     (v / "doomed.txt").write_text("this delete will be lost on the way")
     s.source.start()
     m = s.add_mirror(scrub_rate_mib=0)  # scrubber off: only the checkpoint can catch it
-    m.env["VOLMIRROR_TEST_DROP"] = "delete:doomed.txt"  # test build: the applier skips this event
+    m.seams = ["--drop", "delete:doomed.txt"]  # test seam: the applier skips this event
     m.start()
     wait_converged(v, s.mirror_path(), agents=[s.source, m])
     wait_for(lambda: m.metric("volmirror_checkpoints_total", volume="vol1", result="match") >= 1, 20, "a matching checkpoint")
@@ -103,7 +103,7 @@ def test_lost_block_caught_by_manifest(setup_factory):
     v = s.src["vol1"]
     s.source.start()
     m = s.add_mirror(scrub_rate_mib=0)
-    m.env["VOLMIRROR_TEST_DROP"] = "block:victim.bin"
+    m.seams = ["--drop", "block:victim.bin"]
     m.start()
     (v / "victim.bin").write_bytes(os.urandom(400_000))
     wait_for(lambda: drift(m, "content") >= 1, 20, "manifest mismatch at apply time")

@@ -1,0 +1,385 @@
+"""The apply actor: the one owner of the mirror's state.
+
+:class:`ApplyActor` owns the mirror index, the applier, the verifier, the scrubber, the listing
+spool, the drift registry and the quarantine, and runs every operation on them on **one** worker
+thread, in the order the event loop sends them (:meth:`ApplyActor.call`). The event loop never
+touches that state: it sends messages (apply these records, make them durable, scrub this much,
+verify that volume) and reads :attr:`ApplyActor.snap`, a snapshot refreshed after every message.
+
+Per record, in offset order: decode (schema, shape, hash, sizes against ``mirror.max_file_size``) →
+source identity check (block size and host may not change without ``mirror.accept_new_source``) →
+duplicate check by (epoch, seq) → far-future seq check → apply → index upkeep. Outcomes:
+
+* a hostile or malformed record is rejected: counted, logged, skipped;
+* a local failure is classified (:func:`daemon.mirror.repair.classify`): retried (disk full, I/O
+  error: the batch stops at that record and the loop rewinds to it) or, if it can never succeed here
+  (name too long for this root, file too large, permission after retries), *quarantined*: the path
+  is recorded with its offset, counted, logged, shown in ``status`` and
+  ``volmirror_mirror_quarantined_paths``, and the stream moves on;
+* a state_dir failure (index write) rolls the index back to the last durable point and tells the
+  loop to re-read from the offsets of that point (:class:`daemon.errors.StateError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..config import VOLUME_NAME_RE, MirrorConfig
+from ..errors import RejectedEvent, StateError
+from ..kafka import Record
+from ..wire import Event, decode
+from . import repair as R
+from .applier import Applier, ApplyError
+from .drift import Drift
+from .mindex import MirrorIndex
+from .scrubber import Scrubber
+from .spool import ListingSpool
+from .verifier import Verifier
+
+log = logging.getLogger("volmirror.mirror")
+
+FUTURE_SEQ = 1_000_000  # a seq this far past the stream's announced position is forged or corrupt
+UNKNOWN_VOLUME = "_unknown"
+
+
+@dataclass
+class BatchResult:
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    rewind: dict[tuple[str, int], int] = field(default_factory=dict)
+    applied: int = 0
+    error: str | None = None
+    state_error: str | None = None  # index write failed: re-read from the last durable offsets
+
+
+@dataclass
+class Announcement:
+    host: str
+    src: str
+    block_size: int
+    heartbeat_interval: float
+    checkpoint_interval: float
+    seen: float
+    unprotected: int = 0
+
+
+@dataclass
+class Faults:
+    """Test seams (never set in production): lose one op of one path; fail every apply while a file exists."""
+
+    drop: tuple[str, str] | None = None
+    stall_file: str | None = None
+
+
+@dataclass(frozen=True)
+class VolumeSnap:
+    epoch: str
+    seq: int
+    last_ts: float
+    partition: int
+    drift: int
+    quarantined: int
+    conflict: str | None
+    last_verified: float | None
+
+
+class ApplyActor:
+    def __init__(self, mc: MirrorConfig, metrics: Any, *, send: Callable[[dict], None], mirrored: Callable[[str], bool],
+                 on_volume: Callable[[str], bool], faults: Faults | None = None) -> None:
+        self.mc = mc
+        self.m = metrics
+        self.mirrored = mirrored
+        self.on_volume = on_volume  # first sight of a volume (creates its metric series; thread-safe)
+        self.faults = faults or Faults()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="volmirror-apply")
+        self.idx = MirrorIndex(mc.state_dir / "mirror.sqlite")
+        self.applier = Applier(mc.root)
+        self.drift = Drift(metrics)
+        self.spool = ListingSpool(mc.state_dir / "listing-spool.sqlite")
+        self.verifier = Verifier(self.idx, self.applier, metrics, self.drift, self.spool, repair=mc.repair, send=send,
+                                 is_quarantined=self.idx.is_quarantined)
+        self.scrubber = Scrubber(self.verifier)
+        self.announced: dict[str, Announcement] = {}
+        self.conflicts: dict[str, str] = {}  # volume → why its announce was refused
+        self.anchor: dict[str, tuple[str, int]] = {}  # volume → (epoch, seq) of the newest heartbeat/announce
+        self.gap_partitions: set[int] = set()  # a jump in seq is expected once (stream gap)
+        self._retries: dict[tuple[str, int, int], int] = {}
+        self.undurable_bytes = 0
+        self.snap: dict[str, VolumeSnap] = {}
+        for vol in self.idx.volumes:
+            on_volume(vol)
+        self._snapshot()
+
+    # -- messages from the event loop ----------------------------------------------------------
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._run, fn, args)
+        finally:
+            pass
+
+    def _run(self, fn: Callable[..., Any], args: tuple) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            self._snapshot()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.applier.close()
+        self.idx.close()
+        self.spool.close()
+
+    def _snapshot(self) -> None:
+        snap = {}
+        vols = set(self.idx.volumes) | set(self.drift.paths) | set(self.idx.quarantine) | set(self.conflicts) | set(self.announced)
+        for v in vols:
+            p = self.idx.volumes.get(v)
+            snap[v] = VolumeSnap(p.epoch if p else "", p.seq if p else -1, p.last_ts if p else 0.0, p.partition if p else -1,
+                                 self.drift.count(v), len(self.idx.quarantine.get(v, {})), self.conflicts.get(v),
+                                 self.verifier.last_verified.get(v))
+        self.snap = snap
+
+    # -- applying ---------------------------------------------------------------------------------
+    def apply_records(self, recs: list[Record]) -> BatchResult:
+        """Decode, check, dedupe and apply, in offset order; stops a partition at a retryable failure."""
+        res = BatchResult()
+        failed: set[tuple[str, int]] = set()
+        for r in recs:
+            tp = (r.topic, r.partition)
+            if tp in failed:
+                continue
+            try:
+                ev = decode(r.value, r.key, max_file_size=self.mc.max_file_size)
+            except RejectedEvent as e:
+                self.reject(r, None, e)
+                res.next_offsets[tp] = r.offset + 1
+                continue
+            try:
+                self._apply_event(r, ev)
+            except RejectedEvent as e:
+                self.reject(r, ev, e)
+            except ApplyError as e:
+                if not self._quarantine_or_retry(r, ev, e):
+                    self.m.apply_errors.labels(ev.vol).inc()
+                    res.error = f"{e} (volume {ev.vol}, partition {r.partition}, offset {r.offset})"
+                    res.rewind[tp] = r.offset
+                    failed.add(tp)
+                    continue
+            except (sqlite3.Error, StateError) as e:
+                self.idx.reset()
+                self.m.local_errors.labels("state_dir").inc()
+                res.state_error = f"mirror index write failed at volume {ev.vol}, partition {r.partition}, offset {r.offset}: {e}"
+                return res
+            res.next_offsets[tp] = r.offset + 1
+            res.applied += 1
+        return res
+
+    def _quarantine_or_retry(self, r: Record, ev: Event, e: ApplyError) -> bool:
+        """True if the record was quarantined (the stream moves on), False to retry it later."""
+        what, reason = R.classify(e.errno)
+        key = (r.topic, r.partition, r.offset)
+        if what == R.RETRY_THEN_QUARANTINE:
+            n = self._retries[key] = self._retries.get(key, 0) + 1
+            if n < R.RETRIES_BEFORE_QUARANTINE:
+                return False
+        elif what == R.RETRY:
+            self.m.local_errors.labels("disk").inc()
+            return False
+        self._retries.pop(key, None)
+        path = ev.path or e.path or ""
+        if self.idx.quarantine_add(ev.vol, path, reason, r.partition, r.offset, time.time(), str(e)):
+            self.m.quarantine_events.labels(ev.vol, reason).inc()
+        self.m.quarantined.labels(ev.vol).set(len(self.idx.quarantine.get(ev.vol, {})))
+        log.error("quarantined %s (%s): %s; the stream moves on, this path is NOT protected until a later change applies",
+                  path, reason, e, extra={"volume": ev.vol, "path": path, "partition": r.partition, "offset": r.offset,
+                                          "reason": reason, "event": "quarantined"})
+        prog = self.idx.progress(ev.vol)
+        prog.epoch, prog.seq = ev.epoch, ev.seq
+        return True
+
+    def _apply_event(self, r: Record, ev: Event) -> None:
+        vol = ev.vol
+        f = self.faults
+        if f.stall_file:
+            import os
+
+            if os.path.exists(f.stall_file):
+                raise ApplyError(f"TEST SEAM: injected apply failure ({f.stall_file} exists)")
+        if ev.op == "announce":
+            self._announce(vol, ev)
+            return
+        if not self.mirrored(vol):
+            return
+        self.on_volume(vol)
+        prog = self.idx.progress(vol)
+        prog.partition = r.partition
+        if ev.op == "heartbeat":
+            self._anchor(ev)
+            self._seen(ev, prog)
+            self.m.applied_events.labels(vol, "heartbeat").inc()
+            return
+        if self.idx.is_duplicate(vol, ev.epoch, ev.seq):
+            return
+        self._check_identity(ev)
+        if prog.epoch == ev.epoch:
+            a_epoch, a_seq = self.anchor.get(vol, ("", -1))
+            base = max(prog.seq, a_seq if a_epoch == ev.epoch else -1)
+            if ev.seq > base + FUTURE_SEQ:
+                if r.partition in self.gap_partitions:
+                    self.gap_partitions.discard(r.partition)
+                else:
+                    raise RejectedEvent("future_seq", f"seq {ev.seq} is {ev.seq - base} past the stream position {base} of epoch {ev.epoch}")
+        elif prog.epoch:
+            log.warning("volume %s: source epoch changed %s -> %s (source state was reset)", vol, prog.epoch, ev.epoch, extra={"volume": vol})
+        if ev.op == "checkpoint":
+            prog.epoch, prog.seq = ev.epoch, ev.seq
+            self._seen(ev, prog)
+            self.verifier.checkpoint(ev)
+            return
+        if ev.op == "listing":
+            prog.epoch, prog.seq = ev.epoch, ev.seq
+            self.verifier.listing(ev)
+            return
+        if f.drop and f.drop == (ev.op, ev.path):
+            log.warning("TEST SEAM: dropping %s %s", ev.op, ev.path, extra={"volume": vol, "path": ev.path})
+            prog.epoch, prog.seq = ev.epoch, ev.seq
+            return
+        if ev.op == "rename":
+            # durability barrier: everything before the rename is made durable and recorded, then
+            # the rename itself, so a replay never re-runs a rename after later ops
+            self.make_durable()
+            n = self.applier.apply(ev)
+            self.verifier.applied(ev)
+            self._cleared(ev)
+            self.applier.sync()
+            prog.epoch, prog.seq = ev.epoch, ev.seq
+            self._seen(ev, prog)
+            self.idx.checkpoint()
+        else:
+            n = self.applier.apply(ev)
+            self.verifier.applied(ev)
+            self._cleared(ev)
+            prog.epoch, prog.seq = ev.epoch, ev.seq
+            self._seen(ev, prog)
+        if ev.op in ("delete", "rmtree"):
+            self.m.deleted_files.labels(vol, "stream").inc()
+        self.undurable_bytes += n
+        op = "zero" if ev.op == "block" and ev["zero"] else ev.op
+        self.m.applied_events.labels(vol, op).inc()
+        if n:
+            self.m.applied_bytes.labels(vol).inc(n)
+
+    def _cleared(self, ev: Event) -> None:
+        """A record for a quarantined path applied after all: it is no longer quarantined."""
+        tree = ev.op in ("delete", "rmtree", "rename")
+        gone = self.idx.quarantine_clear(ev.vol, ev.path, tree=tree)
+        if ev.op == "rename":
+            gone += self.idx.quarantine_clear(ev.vol, ev["dst"], tree=True)
+        if gone:
+            self.m.quarantined.labels(ev.vol).set(len(self.idx.quarantine.get(ev.vol, {})))
+            log.info("no longer quarantined: %s", ", ".join(gone[:5]), extra={"volume": ev.vol, "path": gone[0]})
+
+    def _anchor(self, ev: Event) -> None:
+        a = self.anchor.get(ev.vol)
+        if a is None or a[0] != ev.epoch or ev.seq > a[1]:
+            self.anchor[ev.vol] = (ev.epoch, ev.seq)
+
+    def _announce(self, vol: str, ev: Event) -> None:
+        ident = {"host": ev["host"], "block_size": ev["block_size"]}
+        key = f"source:{vol}"
+        raw = self.idx.get_meta(key)
+        known = json.loads(raw) if raw else None
+        if known is not None and known != ident:
+            if vol not in self.mc.accept_new_source:
+                why = (f"announce of {vol} from host {ev['host']!r} with block size {ev['block_size']} conflicts with the known "
+                       f"source (host {known['host']!r}, block size {known['block_size']}); if the volume really moved, add "
+                       f"{vol!r} to mirror.accept_new_source and restart")
+                self.conflicts[vol] = why
+                raise RejectedEvent("conflict", why)
+            log.warning("volume %s: accepted a new source identity %s (was %s) by mirror.accept_new_source", vol, ident, known,
+                        extra={"volume": vol})
+        if known != ident:
+            self.idx.begin()
+            self.idx.set_meta(key, json.dumps(ident, sort_keys=True))
+        self.conflicts.pop(vol, None)
+        self.announced[vol] = Announcement(ev["host"], ev["src"], ev["block_size"], float(ev["heartbeat_interval"]),
+                                           float(ev["checkpoint_interval"]), time.time(), int(ev.get("unprotected") or 0))
+        self._anchor(ev)
+        self.on_volume(vol)
+        if self.mirrored(vol):
+            self.verifier.announced(ev)
+            self.m.unprotected_paths.labels(vol).set(int(ev.get("unprotected") or 0))
+
+    def _check_identity(self, ev: Event) -> None:
+        if ev.vol in self.conflicts:
+            raise RejectedEvent("conflict", self.conflicts[ev.vol])
+        bs = ev.get("bs")
+        ann = self.announced.get(ev.vol)
+        if bs is not None and ann is not None and bs != ann.block_size:
+            raise RejectedEvent("conflict", f"{ev.op} with block size {bs}, the volume's announced block size is {ann.block_size}")
+
+    def _seen(self, ev: Event, prog: Any) -> None:
+        if ev.ts > prog.last_ts:
+            prog.last_ts = ev.ts
+            self.m.last_event_ts.labels(ev.vol).set(ev.ts)
+
+    def reject(self, r: Record, ev: Event | None, e: RejectedEvent) -> None:
+        vol = ev.vol if ev is not None else _safe_key(r.key)
+        if vol == UNKNOWN_VOLUME or not self.on_volume(vol):
+            vol = UNKNOWN_VOLUME  # bounded label set: a flood of forged volume names shares one series
+        self.m.rejected.labels(vol, e.reason).inc()
+        log.warning(
+            "rejected event: %s",
+            e,
+            extra={"volume": vol, "path": ev.path if ev is not None else None, "partition": r.partition, "offset": r.offset,
+                   "reason": e.reason, "event": "rejected", "op": ev.op if ev is not None else None},
+        )
+
+    # -- durability ---------------------------------------------------------------------------------
+    def make_durable(self) -> None:
+        """fsync what was applied, then write the index and progress in one transaction.
+
+        Raises ApplyError (fsync failed: retry) or StateError (index not written: everything since
+        the last durable point was rolled back; re-read from that point)."""
+        self.applier.sync()
+        try:
+            self.idx.checkpoint()
+        except StateError:
+            self.m.local_errors.labels("state_dir").inc()
+            raise
+        self.undurable_bytes = 0
+
+    def reset(self) -> None:
+        self.idx.reset()
+        for vol in list(self.spool.active):
+            self.spool.discard(vol)
+        self.undurable_bytes = 0
+
+    # -- scrubbing and verify -----------------------------------------------------------------------
+    def scrub_step(self, vol: str, budget: int) -> int:
+        try:
+            return self.scrubber.step(vol, budget)
+        except (ApplyError, RejectedEvent, OSError) as e:
+            # a local repair failed (disk full, unremovable path): drift stays recorded; next pass retries
+            self.m.local_errors.labels("disk").inc()
+            log.warning("scrub of %s: local repair failed: %s", vol, e, extra={"volume": vol})
+            self.scrubber.passes.pop(vol, None)
+            return budget
+
+    def full_pass(self, vol: str) -> None:
+        self.scrubber.full_pass(vol)
+
+
+def _safe_key(key: bytes | None) -> str:
+    try:
+        k = (key or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return UNKNOWN_VOLUME
+    return k if VOLUME_NAME_RE.fullmatch(k) and len(k) <= 128 else UNKNOWN_VOLUME
