@@ -347,6 +347,7 @@ class MirrorAgent:
                 start = begin.get(tp, 0)
                 if committed is not None and committed < start:
                     self.m.stream_gap.labels(str(tp[1])).inc()
+                    self.actor.gap_partitions.add(tp[1])  # the first seq after the gap may jump far
                     log.error(
                         "partition %d: committed offset %d is older than the log start %d: events were lost to "
                         "retention while this mirror was away; checkpoints will disagree and a listing will repair it",

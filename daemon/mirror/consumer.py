@@ -23,6 +23,7 @@ duplicate check by (epoch, seq) → far-future seq check → apply → index upk
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import sqlite3
@@ -177,6 +178,14 @@ class ApplyActor:
                 self.m.local_errors.labels("state_dir").inc()
                 res.state_error = f"mirror index write failed at volume {ev.vol}, partition {r.partition}, offset {r.offset}: {e}"
                 return res
+            except Exception as e:  # noqa: BLE001 - a bug met by one record must not stall the stream forever
+                log.exception("internal error applying %s %s (partition %d, offset %d)", ev.op, ev.path, r.partition, r.offset,
+                              extra={"volume": ev.vol, "path": ev.path})
+                if not self._quarantine_or_retry(r, ev, ApplyError(f"internal error: {e!r}", errno.EINVAL, ev.path)):
+                    res.error = f"internal error: {e!r} (volume {ev.vol}, partition {r.partition}, offset {r.offset})"
+                    res.rewind[tp] = r.offset
+                    failed.add(tp)
+                    continue
             res.next_offsets[tp] = r.offset + 1
             res.applied += 1
         return res

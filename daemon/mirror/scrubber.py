@@ -81,7 +81,7 @@ class Scrubber:
         p = self.passes.get(vol)
         if p is None:
             p = self.passes[vol] = _Pass(started=time.time())
-            p.paths.extend(sorted(e.path for e in self.v.idx.entries(vol)))
+            p.paths.extend(self.v.idx.paths(vol))
         used = 0
         while used < budget or budget <= 0:
             if p.cur is None:
@@ -186,7 +186,7 @@ class Scrubber:
     def _finish(self, vol: str, p: _Pass) -> None:
         # extra files: on disk but not in the index
         vr = self.v.ap.vol_root(vol)
-        known = {e.path for e in self.v.idx.entries(vol)}
+        known = set(self.v.idx.paths(vol))
         stack = [""]
         while stack:
             rel = stack.pop()
