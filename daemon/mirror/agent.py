@@ -249,13 +249,25 @@ class MirrorAgent:
         self._scrub_at = now
         snap = self.actor.snap
         vols = sorted(v for v in self.known_volumes if self.mirrored(v) and v in snap and snap[v].epoch)
-        if rate <= 0 or not vols or self._scrub_tokens < 64 * 1024 or self._verifying:
+        if rate <= 0 or not vols or self._scrub_tokens < 64 * 1024 or self._verifying or not self._caught_up():
             return
         vol = vols[self._scrub_rr % len(vols)]
         self._scrub_rr += 1
         budget = int(min(self._scrub_tokens, 8 * 1024 * 1024))
         used = await self.actor.call(self.actor.scrub_step, vol, budget)
         self._scrub_tokens -= used
+
+    def _caught_up(self) -> bool:
+        """True when every assigned partition is read up to its high watermark: the scrubber then
+        compares the disk with an index that includes everything already in the stream (after a
+        crash, files written but not yet replayed would otherwise look "extra")."""
+        topic = self.cfg.kafka.topic
+        for tp in self.consumer.assignment():
+            pos = self.position.get(tp)
+            hw = self.consumer.highwater(topic, tp[1]) if tp[0] == topic else None
+            if pos is None or (hw is not None and pos < hw):
+                return False
+        return True
 
     # -- verify (the `volmirror verify` command talks to this) --------------------------------------
     async def http_verify(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
