@@ -95,8 +95,38 @@ class SourceMetrics(CommonMetrics):
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
+        self.state_ok = Gauge(
+            "volmirror_source_state_ok",
+            "1 while the volume's state (index, sequence file in state_dir) was last written successfully, 0 while writes fail",
+            ["volume"],
+            registry=registry,
+        )
+        self.unprotected = Gauge(
+            "volmirror_source_unprotected_paths",
+            "Paths the source cannot replicate (names not UTF-8, subtrees it cannot read)",
+            ["volume"],
+            registry=registry,
+        )
+        self.in_doubt = Gauge(
+            "volmirror_source_in_doubt_paths",
+            "Paths of failed batches not yet published again (listings wait for them)",
+            ["volume"],
+            registry=registry,
+        )
+        self.listings = Counter(
+            "volmirror_source_listings_total", "Listings requested by mirrors, by result (sent|deferred|failed)", ["volume", "result"], registry=registry
+        )
+
+    ERROR_KINDS = ("read", "publish", "state", "internal", "bad_name", "scan")
 
     def init_volume(self, vol: str) -> None:
+        for k in self.ERROR_KINDS:
+            self.errors.labels(vol, k)
+        self.state_ok.labels(vol).set(1)
+        self.unprotected.labels(vol)
+        self.in_doubt.labels(vol)
+        for r in ("sent", "deferred", "failed"):
+            self.listings.labels(vol, r)
         for r in ("changed", "unchanged", "zero"):
             self.blocks.labels(vol, r)
         self.published_bytes.labels(vol)
@@ -214,6 +244,8 @@ class MirrorMetrics(CommonMetrics):
             ["kind"],
             registry=registry,
         )
+        for k in ("disk", "state_dir"):
+            self.local_errors.labels(k)
 
     QUARANTINE_REASONS = ("too_large", "name_too_long", "permission", "io")
 

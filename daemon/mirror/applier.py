@@ -73,12 +73,12 @@ class Applier:
     def apply(self, ev: Event) -> int:
         """Apply one op; returns block bytes written. Raises RejectedEvent or ApplyError."""
         vr = self.vol_root(ev.vol)
-        full = resolve(vr, ev.path)
         try:
+            full = resolve(vr, ev.path)  # lstat of parents: ENAMETOOLONG, EACCES surface here too
             return getattr(self, "_op_" + ev.op)(vr, full, ev)
         except OSError as e:
-            rel = os.path.relpath(full, self.root)
-            raise ApplyError(str(os_error(ev.op, rel, e)), e.errno, rel) from None
+            rel = os.path.join(ev.vol, ev.path)
+            raise ApplyError(str(os_error(ev.op, rel, e)), e.errno, ev.path) from None
 
     def sync(self) -> None:
         """fsync every touched file and directory; close the file descriptors."""

@@ -223,6 +223,18 @@ def test_name_too_long_is_quarantined_and_stream_moves_on(env, tmp_path):
     assert (vr / "ok.txt").read_bytes() == b"fine"
     assert actor.snap[VOL].quarantined >= 1
     assert metric(reg, "volmirror_mirror_quarantined_total", volume=VOL, reason="name_too_long") >= 1
+    # a second file below the same deep tree: the jail's walk of existing parents fails the same way
+    res = actor.apply_records(st.file(deep + "/" + "s" * 70, b"z"))
+    assert res.error is None, res.error
+    assert actor.idx.is_quarantined(VOL, deep + "/" + "s" * 70)
+    # a directory that fits, then a file below it that does not: the parent walk fails the same way
+    fits = "/".join(["e" * 240] * 16)  # 3855 bytes: the directory fits under the root
+    res = actor.apply_records([st.rec("mkdir", path=fits, mode=0o755), *st.file(fits + "/" + "g" * 230, b"y"), *st.file("ok2.txt", b"2")])
+    assert res.error is None, res.error
+    actor.make_durable()
+    actor._snapshot()
+    assert (vr / "ok2.txt").read_bytes() == b"2"
+    assert actor.idx.is_quarantined(VOL, fits + "/" + "g" * 230)
 
 
 def test_disk_full_is_retried_never_skipped(env, monkeypatch):
