@@ -1,7 +1,10 @@
 """``volmirror <subcommand>``: argument parsing, logging set-up, exit codes. Nothing else.
 
-Exit codes: 0 success; 1 runtime failure (``status``: agent not reachable; ``verify``: drift);
-2 bad configuration or usage (the message names the key; ``verify``: could not run).
+Exit codes: 0 success; 1 runtime failure (``status``: a volume not protected, or the agent not
+reachable; ``verify``: drift); 2 bad configuration or usage (the message names the key; ``verify``:
+could not run). An agent's failure keeps its class's exit code (daemon/errors.py) even when it comes
+out of the supervisor's TaskGroup wrapped in an ExceptionGroup; an unexpected exception is logged with
+its traceback and exits 1.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     common(sub.add_parser("source", help="run the source agent in the foreground"))
     common(sub.add_parser("mirror", help="run the mirror agent in the foreground"))
-    st = sub.add_parser("status", help="print per-volume lag and last event time")
+    st = sub.add_parser("status", help="per-volume protection, lag, drift (exit 0 all protected, 1 not, or agent unreachable)")
     common(st)
     st.add_argument("--json", action="store_true", help="print the raw JSON status")
     st.add_argument("--watch", action="store_true", help="redraw a one-line summary every second until Ctrl-C")
@@ -83,7 +86,44 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - the exit-code boundary: nothing escapes as a bare traceback
+        return exit_code_for(e)
     return EXIT_FAILURE
+
+
+def first_volmirror_error(exc: BaseException) -> VolmirrorError | None:
+    """The first VolmirrorError in ``exc``, looking depth-first through (nested) exception groups."""
+    if isinstance(exc, VolmirrorError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = first_volmirror_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def exit_code_for(exc: Exception) -> int:
+    """Log ``exc`` and return the exit code: a supervised task's failure reaches here as an
+    ExceptionGroup (asyncio.TaskGroup); its first VolmirrorError decides the code and gives the one-line
+    message. Anything else is a bug: logged with its traceback, exit 1."""
+    known = first_volmirror_error(exc)
+    if known is not None:
+        log.error("%s", known, extra={"event": "fatal"})
+    for leaf in _leaves(exc):
+        if leaf is known:
+            continue
+        if isinstance(leaf, VolmirrorError):
+            log.error("also failed: %s", leaf, extra={"event": "fatal"})
+        else:
+            log.error("unexpected error: %s: %s", type(leaf).__name__, leaf, exc_info=leaf, extra={"event": "fatal"})
+    return EXIT_FAILURE if known is None else known.exit_code
 
 
 def _run(coro: object) -> int:

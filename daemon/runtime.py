@@ -72,7 +72,9 @@ async def supervise(stop: StopSignal, *coros: Awaitable[Any]) -> None:
     """Run long-lived coroutines in one TaskGroup until ``stop`` fires (or one of them fails).
 
     A stop cancels every task and waits for them; a failure in any task cancels the others and
-    propagates, so nothing is fire-and-forget.
+    propagates, so nothing is fire-and-forget. Failures propagate as an :class:`ExceptionGroup` (one
+    member per failed task, the stop sentinel removed); the CLI maps it to the exit code of its first
+    :class:`~daemon.errors.VolmirrorError` (``daemon.cli.exit_code_for``).
     """
 
     async def stopper() -> None:

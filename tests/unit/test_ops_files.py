@@ -24,7 +24,8 @@ SCRAPE = REPO / "deploy/prometheus/scrape-example.yml"
 DASHBOARD = REPO / "grafana/volmirror.json"
 RUNBOOKS = REPO / "docs/runbooks.md"
 ALERTS = {"ReplicationLagHigh", "MirrorStalled", "ReplicaDrift", "VerificationStale", "VolumeUnprotected",
-          "SourceHeartbeatMissing", "AgentDown", "RejectedEvents", "KafkaDisconnected"}
+          "SourceHeartbeatMissing", "AgentDown", "RejectedEvents", "KafkaDisconnected",
+          "MirrorQuarantine", "MirrorDeletedByListing", "MirrorLocalErrors", "SourceUnprotectedPaths"}
 PROMQL_WORDS = {"sum", "max", "min", "count", "by", "on", "and", "or", "unless", "rate", "increase", "time", "group_left",
                 "max_over_time", "humanizeDuration", "without", "ignoring", "avg", "bool", "offset"}
 
@@ -55,6 +56,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r'"[^"]*"', '""', expr)  # drop label values
     expr = re.sub(r"\{[^}]*\}", "", expr)  # drop matchers
     expr = re.sub(r"\[[^\]]*\]", "", expr)  # drop ranges
+    expr = re.sub(r"\boffset\s+\d+[smhdwy]+", "", expr)  # drop offsets
     expr = re.sub(r"\b(by|on|without|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr))
     return {w for w in words if w not in PROMQL_WORDS and not re.fullmatch(r"\d+[smhd]?", w)}
