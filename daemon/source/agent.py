@@ -1,9 +1,11 @@
 """The source agent: supervision of watchers, volume workers, scans, heartbeats and metrics.
 
-Start-up order: state directory and index → metrics server → topics (created if missing) →
-producer → watchers → ``READY=1`` → initial reconcile scan per volume. Everything long-running is a
-task in one ``TaskGroup``; SIGTERM/SIGINT cancel it, the producer is flushed and stopped, the index
-closed. Nothing is fire-and-forget.
+Start-up order: state directory and sequence state → metrics server → topics (created if missing)
+→ producer → watchers → ``READY=1`` → per volume: its worker opens the volume's own index, then the
+initial reconcile scan runs. Everything long-running is a task in one ``TaskGroup``; SIGTERM/SIGINT
+cancel it, the producer is flushed and stopped, the indexes closed. Nothing is fire-and-forget, and
+one volume's failure never stops another: a worker or scan that raises is logged, counted
+(``volmirror_source_errors_total{kind="internal"|"scan"}``) and restarted after a backoff.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ..config import Config, ConfigError, VolumeConfig
-from ..index import SeqAllocator, SourceIndex
-from ..errors import RejectedEvent
+from ..index import SeqAllocator
+from ..errors import RejectedEvent, VolmirrorError
 from ..kafka import Consumer, Producer, ensure_topics
 from ..metrics import HttpServer, SourceMetrics
 from ..runtime import StopSignal, periodic, retry_transient, sd_notify, supervise, write_snapshot
 from .control import dispatch, parse_request
+from .dirty import backoff
 from .progress import ProgressReporter
 from .publisher import Publisher
 from .scanner import plan, walk
@@ -58,7 +61,6 @@ class SourceAgent:
             sc.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError("source.state_dir", f"cannot create {sc.state_dir}: {e.strerror}") from None
-        self.index = SourceIndex(sc.state_dir / "index.sqlite")
         self.seqs = SeqAllocator(sc.state_dir / "sequence.json")
         host, port = self.cfg.metrics.host_port
         http = HttpServer(host, port, self.registry, self.status)
@@ -76,7 +78,7 @@ class SourceAgent:
             for v in sc.volumes:
                 self.m.init_volume(v.name)
                 w = VolumeWorker(
-                    v, self.index, self.pub, self.m,
+                    v, sc.state_dir, self.pub, self.m,
                     debounce=sc.debounce_ms / 1000, max_delay=sc.max_delay_ms / 1000, checkpoint_interval=sc.checkpoint_interval,
                 )
                 self.workers[v.name] = w
@@ -96,7 +98,8 @@ class SourceAgent:
             for w in self.watchers.values():
                 w.stop()
             await producer.stop()
-            self.index.close()
+            for w in self.workers.values():
+                w.close()
             await http.stop()
             write_snapshot(sc.state_dir, self.status())
 
@@ -104,7 +107,7 @@ class SourceAgent:
         sc = self.sc
         per_volume = []
         for v in sc.volumes:
-            per_volume += [self.workers[v.name].run(), self._reconcile_loop(v)]
+            per_volume += [self._restarting(v.name, "worker", self.workers[v.name].run), self._reconcile_loop(v)]
         await supervise(
             self.stop,
             *per_volume,
@@ -115,28 +118,51 @@ class SourceAgent:
             ProgressReporter(self.workers, sys.stderr).run(),
         )
 
+    async def _restarting(self, name: str, what: str, fn: Any) -> None:
+        """Run one volume's task; if it raises, log, count and restart it after a backoff."""
+        failures = 0
+        while True:
+            t0 = time.monotonic()
+            try:
+                await fn()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures = 1 if time.monotonic() - t0 > 300 else failures + 1
+                delay = backoff(failures, 60.0)
+                self.m.errors.labels(name, "internal").inc()
+                log.exception("%s of volume %s failed; restarting it in %.0f s", what, name, delay, extra={"volume": name})
+                await asyncio.sleep(delay)
+
     # -- scans ----------------------------------------------------------------------------------
     async def _reconcile_loop(self, v: VolumeConfig) -> None:
+        failures = 0
         while True:
-            await self.reconcile(v)
-            await asyncio.sleep(self.sc.reconcile_interval if self.watchers[v.name].alive else min(self.sc.reconcile_interval, 10.0))
+            try:
+                await self.reconcile(v)
+                failures = 0
+                pause = self.sc.reconcile_interval if self.watchers[v.name].alive else min(self.sc.reconcile_interval, 10.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a failed scan is retried; other volumes go on
+                failures += 1
+                pause = backoff(failures, 60.0)
+                self.m.errors.labels(v.name, "scan").inc()
+                log.error("reconcile scan of %s failed: %s; retrying in %.0f s", v.name, e, pause,
+                          extra={"volume": v.name, "event": "scan"}, exc_info=not isinstance(e, VolmirrorError))
+            await asyncio.sleep(pause)
 
     async def reconcile(self, v: VolumeConfig) -> None:
         w = self.workers[v.name]
+        await w.opened.wait()
         w.scanning = True
         t0 = time.monotonic()
         try:
-            disk, targets = await asyncio.to_thread(walk, str(v.path), v.is_excluded)
-            known = {}
-            for i, e in enumerate(self.index.iter_volume(v.name)):
-                known[e.path] = e
-                if i % 20000 == 19999:
-                    await asyncio.sleep(0)
-            p = plan(disk, targets, known)
-            for src, dst in p.renames:
-                w.queue_rename(src, dst, False)
-            for path in p.dirty:
-                w.mark(path, force=False, delay=0)
+            found = await asyncio.to_thread(walk, str(v.path), v.is_excluded)
+            known = await asyncio.to_thread(w.read_index)
+            p = await asyncio.to_thread(plan, found.disk, found.targets, known, found.unprotected.keys())
+            w.scan_found(p.renames, p.dirty, found.unprotected)
             if p.new_files:
                 w.progress.begin(p.new_files, p.new_bytes)
                 self.m.sync_files_total.labels(v.name).set(w.progress.files_total)
@@ -146,8 +172,8 @@ class SourceAgent:
             self.m.last_scan.labels(v.name).set(time.time())
             self.last_scan[v.name] = time.time()
             log.info(
-                "reconcile scan of %s: %d entries, %d to examine, %d rename(s), %.2f s",
-                v.name, len(disk), len(p.dirty), len(p.renames), el, extra={"volume": v.name, "event": "scan"},
+                "reconcile scan of %s: %d entries, %d to examine, %d rename(s), %d unprotected, %.2f s",
+                v.name, len(found.disk), len(p.dirty), len(p.renames), len(found.unprotected), el, extra={"volume": v.name, "event": "scan"},
             )
         finally:
             w.scanning = False
@@ -184,6 +210,9 @@ class SourceAgent:
         for v in sc.volumes:
             fields = {"host": sc.host, "src": str(v.path), "block_size": v.block_size,
                       "heartbeat_interval": sc.heartbeat_interval, "checkpoint_interval": sc.checkpoint_interval}
+            w = self.workers.get(v.name)
+            if w is not None:
+                fields["unprotected"] = len(w.unprotected)
             futs.append(await self.pub.send(v.name, "announce", fields, seq=False))
         await asyncio.wait_for(asyncio.gather(*futs), 30)
 
@@ -215,15 +244,18 @@ class SourceAgent:
             vols[v.name] = {
                 "path": str(v.path),
                 "block_size": v.block_size,
-                "pending_files": len(w.dirty) if w else None,
+                "pending_files": None,
+                "last_published": None,
+                "sync": None,
+                **(w.status() if w else {}),
                 "last_seq": self.seqs.last(v.name) if hasattr(self, "seqs") else None,
-                "last_published": (w.last_published or None) if w else None,
                 "last_scan": self.last_scan.get(v.name),
                 "watch_active": self.watchers[v.name].alive if v.name in self.watchers else False,
-                "sync": w.progress.snapshot() if w else None,
             }
         return {
             "agent": "source",
+            "state_dir": str(self.sc.state_dir),
+            "state_ok": all(x.get("state_ok", True) for x in vols.values()) and (self.seqs.ok if hasattr(self, "seqs") else True),
             "host": self.sc.host,
             "ready": self.ready,
             "started": self.started,

@@ -1,6 +1,6 @@
 """Initial-sync progress for people: a live line on a terminal, periodic log lines otherwise.
 
-The numbers come from each worker's :class:`~daemon.source.volume.Progress` (also exported as the
+The numbers come from each worker's :class:`Progress` (also exported as the
 ``volmirror_source_initial_sync_*`` metrics). Under systemd stderr is the journal, not a terminal,
 so it logs one plain line every 30 s instead of redrawing a bar.
 """
@@ -9,9 +9,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any, Mapping, TextIO
 
 log = logging.getLogger("volmirror.source")
+
+
+@dataclass
+class Progress:
+    """Initial-sync / large-rescan progress for one volume."""
+
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+    started: float = 0.0
+    active: bool = False
+
+    def begin(self, files: int, nbytes: int) -> None:
+        if not self.active:
+            self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
+            self.started = time.monotonic()
+            self.active = True
+        self.files_total += files
+        self.bytes_total += nbytes
+
+    def snapshot(self) -> dict[str, Any]:
+        el = max(time.monotonic() - self.started, 1e-6) if self.active else 0.0
+        rate = self.bytes_done / el if el else 0.0
+        left = max(self.bytes_total - self.bytes_done, 0)
+        return {
+            "active": self.active,
+            "files_done": self.files_done,
+            "files_total": self.files_total,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "rate_bytes_per_s": rate,
+            "eta_seconds": (left / rate) if rate > 0 else None,
+        }
 
 
 def fmt_bytes(n: float) -> str:

@@ -4,54 +4,94 @@ This is the safety net for dropped inotify events and for changes made while the
 :func:`walk` is the disk part (run in a thread); :func:`plan` is pure: given the disk listing and the
 index entries it returns the paths to re-examine and the renames to publish (a path that vanished
 and a new path with the same inode, kind, size and mtime are a rename, so no data is resent).
+
+The walk never dies on one bad entry: a subtree it cannot read (deeper than PATH_MAX, a symlink
+loop, permission denied, an I/O error) or a name that is not UTF-8 is skipped and reported in
+:attr:`Walk.unprotected` with a short reason, and :func:`plan` leaves the index entries below it
+alone (not readable is not deleted).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 from ..index import DIR, FILE, SYMLINK, Entry
+from .coverage import NOT_UTF8, replicable_name
 from .reader import Stat
 
+_REASONS = {errno.ENAMETOOLONG: "name_too_long", errno.ELOOP: "symlink_loop", errno.EACCES: "permission", errno.EPERM: "permission"}
 
-def walk(root: str, excluded: Callable[[str], bool]) -> tuple[dict[str, Stat], dict[str, str]]:
-    """Every replicable entry under root (relative POSIX path → Stat), and symlink targets.
+
+def reason(err: OSError) -> str:
+    """Short, bounded label for why an entry cannot be read."""
+    return _REASONS.get(err.errno or 0, "io")
+
+
+@dataclass
+class Walk:
+    disk: dict[str, Stat] = field(default_factory=dict)  # relative POSIX path → Stat
+    targets: dict[str, str] = field(default_factory=dict)  # symlink path → target
+    unprotected: dict[str, str] = field(default_factory=dict)  # path → reason it cannot be replicated
+
+
+def walk(root: str, excluded: Callable[[str], bool]) -> Walk:
+    """Every replicable entry under root, symlink targets, and what could not be read.
 
     Excluded paths are not listed (an excluded directory is not descended into); sockets, fifos and
     devices are skipped. Entries that vanish during the walk are simply absent.
     """
-    out: dict[str, Stat] = {}
-    targets: dict[str, str] = {}
+    w = Walk()
     stack = [""]
     while stack:
         rel_dir = stack.pop()
         abs_dir = os.path.join(root, rel_dir) if rel_dir else root
         try:
             it = os.scandir(abs_dir)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            w.unprotected[rel_dir or "."] = reason(e)
             continue
         with it:
-            for de in it:
-                rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
-                if excluded(rel):
-                    continue
-                try:
-                    st = Stat.of(de.stat(follow_symlinks=False))
-                except FileNotFoundError:
-                    continue
-                if st.kind == "o":
-                    continue
-                out[rel] = st
-                if st.kind == "d":
-                    stack.append(rel)
-                elif st.kind == "l":
-                    try:
-                        targets[rel] = os.readlink(de.path)
-                    except OSError:
-                        pass
-    return out, targets
+            _entries(w, it, rel_dir, excluded, stack)
+    return w
+
+
+def _entries(w: Walk, it: "os._ScandirIterator[str]", rel_dir: str, excluded: Callable[[str], bool], stack: list[str]) -> None:
+    while True:
+        try:
+            de = next(it)
+        except StopIteration:
+            return
+        except OSError as e:  # reading the directory itself failed midway
+            w.unprotected[rel_dir or "."] = reason(e)
+            return
+        rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
+        if not replicable_name(rel):
+            w.unprotected[rel] = NOT_UTF8
+            continue
+        if excluded(rel):
+            continue
+        try:
+            st = Stat.of(de.stat(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            w.unprotected[rel] = reason(e)
+            continue
+        if st.kind == "o":
+            continue
+        w.disk[rel] = st
+        if st.kind == "d":
+            stack.append(rel)
+        elif st.kind == "l":
+            try:
+                w.targets[rel] = os.readlink(de.path)
+            except OSError:
+                pass
 
 
 @dataclass
@@ -72,9 +112,25 @@ def differs(st: Stat, e: Entry, target: str | None = None) -> bool:
     return target is not None and target != e.target
 
 
-def plan(disk: Mapping[str, Stat], targets: Mapping[str, str], index: Mapping[str, Entry]) -> Plan:
+def _below(path: str, tops: Collection[str]) -> bool:
+    """True if path or one of its parent directories is in ``tops``."""
+    if not tops:
+        return False
+    if "." in tops:
+        return True
+    while True:
+        if path in tops:
+            return True
+        if "/" not in path:
+            return False
+        path = path.rsplit("/", 1)[0]
+
+
+def plan(disk: Mapping[str, Stat], targets: Mapping[str, str], index: Mapping[str, Entry], unreadable: Collection[str] = ()) -> Plan:
+    """What to re-examine and which renames to publish; index entries at or below an ``unreadable``
+    path (the walk could not look there) are left as they are."""
     p = Plan()
-    vanished = [path for path in index if path not in disk]
+    vanished = [path for path in index if path not in disk and not _below(path, unreadable)]
     new = sorted(path for path in disk if path not in index)
     # rename candidates: a vanished entry whose inode reappears under a new name
     by_ino: dict[tuple[int, str], str] = {}
@@ -125,4 +181,4 @@ def plan(disk: Mapping[str, Stat], targets: Mapping[str, str], index: Mapping[st
     return p
 
 
-__all__ = ["Plan", "plan", "walk", "differs", "SYMLINK"]
+__all__ = ["Plan", "Walk", "plan", "walk", "differs", "reason", "SYMLINK"]

@@ -1,13 +1,17 @@
-"""One volume's source pipeline: coalesced dirty paths → read/diff → publish → index commit.
+"""One volume's source pipeline: the task that turns dirty paths into acknowledged batches.
 
-A single task per volume owns the volume's index rows, so a volume's events are produced in one
-order. Watcher events and scan results only *mark* paths dirty (with a debounce and a maximum
-delay); renames are queued in arrival order and published before the next batch, without data.
+A :class:`VolumeWorker` is the single owner of its volume's state: its own index file (opened in
+:meth:`VolumeWorker.run`), its dirty paths, its paths in doubt, and the order of its sequenced
+events. Watcher events and scan results only *mark* paths (:mod:`daemon.source.dirty`); renames
+are queued in arrival order and published first, without data. A batch (:mod:`daemon.source.batch`)
+examines due paths (:mod:`daemon.source.examine`), awaits every ack, then commits its index
+transaction. If anything fails — Kafka, or writing ``state_dir`` (disk full) — the batch is rolled
+back, its paths are put *in doubt* (their records may have reached the mirror) and marked again
+with backoff; the failure is counted, logged and shown in the status, never fatal.
 
-A batch is: examine each due path against the index, send what changed (blocks, zero-blocks, size,
-manifest, directory and symlink ops), await every ack, then commit the index. If any send fails the
-index is rolled back, the blocks that may have reached the mirror are marked unknown in the index
-(so they are sent again even if the file changes back), and the paths are retried with backoff.
+Between batches the worker answers control requests (:mod:`daemon.source.answers`): checkpoints,
+and listings — but a listing waits while the start-up scan has not been completed or a path is in
+doubt, because a mirror deletes what a complete listing lacks.
 """
 
 from __future__ import annotations
@@ -17,144 +21,100 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
-from ..blocks import HASH_LEN, file_root, zero_hash
-from ..digest import listing_row, volume_digest
 from ..config import VolumeConfig
-from ..errors import FileChangedError, PermanentError, PublishError, TransientError
-from ..index import DIR, FILE, SYMLINK, Entry, SourceIndex
+from ..errors import FileChangedError, PermanentError, PublishError, StateError, TransientError
+from ..index import SourceIndex, volume_index
 from ..metrics import SourceMetrics
+from .answers import checkpoint_fields, send_listing
+from .batch import Batch
+from .coverage import NOT_UTF8, Unprotected, printable, replicable_name
+from .dirty import DirtySet, InDoubt, StartupGate, backoff, listing_blocked
+from .examine import Examiner, forget_blocks
+from .progress import Progress
 from .publisher import Publisher
-from .reader import ReadResult, Stat, lstat, read_file
 
 log = logging.getLogger("volmirror.source")
 
-LISTING_ROWS = 2000
-BATCH_PATHS = 256
-BATCH_BYTES = 64 * 1024 * 1024
-UNKNOWN_HASH = b"\xff" * HASH_LEN
-
-
-@dataclass
-class Progress:
-    """Initial-sync / large-rescan progress for one volume."""
-
-    files_total: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    bytes_done: int = 0
-    started: float = 0.0
-    active: bool = False
-
-    def begin(self, files: int, nbytes: int) -> None:
-        if not self.active:
-            self.files_total = self.bytes_total = self.files_done = self.bytes_done = 0
-            self.started = time.monotonic()
-            self.active = True
-        self.files_total += files
-        self.bytes_total += nbytes
-
-    def snapshot(self) -> dict[str, Any]:
-        el = max(time.monotonic() - self.started, 1e-6) if self.active else 0.0
-        rate = self.bytes_done / el if el else 0.0
-        left = max(self.bytes_total - self.bytes_done, 0)
-        return {
-            "active": self.active,
-            "files_done": self.files_done,
-            "files_total": self.files_total,
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-            "rate_bytes_per_s": rate,
-            "eta_seconds": (left / rate) if rate > 0 else None,
-        }
-
-
-@dataclass
-class _Batch:
-    futures: list[asyncio.Future] = field(default_factory=list)
-    paths: list[tuple[str, bool]] = field(default_factory=list)
-    sent_blocks: dict[str, set[int]] = field(default_factory=dict)
-    payload_bytes: int = 0
-    ops: dict[str, int] = field(default_factory=dict)
-    blocks: dict[str, int] = field(default_factory=lambda: {"changed": 0, "unchanged": 0, "zero": 0})
-    files_done: int = 0
-    bytes_read: int = 0
+OpenIndex = Callable[[Path, str], SourceIndex]
+CONTROL_RETRY = 5.0  # seconds before a failed checkpoint/listing is tried again
+STATE_BACKOFF = 10.0  # cap of the retry delay while state_dir cannot be written (space may return any time)
+KAFKA_BACKOFF = 30.0
 
 
 class VolumeWorker:
     def __init__(
         self,
         vol: VolumeConfig,
-        index: SourceIndex,
+        state_dir: Path,
         publisher: Publisher,
         metrics: SourceMetrics,
         *,
         debounce: float = 0.05,
         max_delay: float = 1.0,
         checkpoint_interval: float = 60.0,
+        open_index: OpenIndex = volume_index,
     ) -> None:
         self.vol = vol
         self.name = vol.name
-        self.root = str(vol.path)
-        self.index = index
+        self.state_dir = state_dir
         self.pub = publisher
         self.m = metrics
-        self.debounce = debounce
-        self.max_delay = max_delay
-        self.dirty: dict[str, tuple[float, float, bool]] = {}  # path → (due, first_seen, force)
+        self.open_index = open_index
+        self.index: SourceIndex | None = None
+        self.opened = asyncio.Event()
+        self.dirty = DirtySet(debounce, max_delay)
+        self.doubt = InDoubt()
+        self.gate = StartupGate()
+        self.unprotected = Unprotected()
+        self.examiner = Examiner(vol, publisher, self._mark_children)
         self.renames: deque[tuple[str | None, str | None, bool]] = deque()
+        self.checkpoints: deque[str | None] = deque()
+        self.listings: deque[str] = deque()
+        self._deferred: set[str] = set()  # listing nonces already reported as deferred
+        self.resyncs: dict[str, bytes | None] = {}  # path → the mirror's block hashes (None: send all)
         self._wake = asyncio.Event()
         self.progress = Progress()
         self.last_published = 0.0
         self.failures = 0
+        self.state_error: str | None = None
         self.scanning = False
         self.checkpoint_interval = checkpoint_interval
         self.next_checkpoint = time.monotonic() + min(5.0, checkpoint_interval)
+        self.next_control = 0.0
         self.checkpoint_id = 0
-        self.control: deque[tuple[str, str | None]] = deque()  # ("checkpoint"|"listing", nonce)
-        self.resyncs: dict[str, bytes | None] = {}  # path → the mirror's block hashes (None: send all)
-        self._bad_names: set[str] = set()
 
     # -- inputs ---------------------------------------------------------------------------------
     def notify(self, kind: str, src: str | None, dst: str | None, is_dir: bool) -> None:
         """Watcher callback (runs on the loop)."""
         if kind == "moved":
-            self.renames.append((src, dst, is_dir))
-            self._wake.set()
+            self.queue_rename(src, dst, is_dir)
         elif src:
             self.mark(src, force=True)
 
-    def mark(self, path: str, *, force: bool, delay: float | None = None) -> None:
-        """Mark a path for examination: after the debounce (never later than ``max_delay`` after
-        the first unprocessed mark), or after an explicit ``delay`` (retries, backoff)."""
+    def mark(self, path: str, *, force: bool, delay: float | None = None) -> bool:
+        """Mark a path for examination (see :class:`DirtySet`); False if it is not replicable."""
         if not path:
-            return
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            if path not in self._bad_names:
-                self._bad_names.add(path)
-                self.m.errors.labels(self.name, "bad_name").inc()
-                log.error("file name is not valid UTF-8; not replicated", extra={"volume": self.name, "path": repr(path)})
-            return
-        if self.vol.is_excluded(path) and self.index.get(self.name, path) is None:
-            return
-        now = time.monotonic()
-        old = self.dirty.get(path)
-        first = old[1] if old else now
-        if delay is None:
-            due = min(now + self.debounce, first + self.max_delay)
-        else:
-            due = now + delay
-        self.dirty[path] = (due, first, force or (old[2] if old else False))
+            return False
+        if not replicable_name(path):
+            self._unreplicable(path, NOT_UTF8)
+            return False
+        if self.vol.is_excluded(path) and (self.index is None or self.index.get(self.name, path) is None):
+            return False
+        self.dirty.mark(path, time.monotonic(), force=force, delay=delay)
         self.m.pending_files.labels(self.name).set(len(self.dirty))
         self._wake.set()
+        return True
 
     def request(self, kind: str, nonce: str | None = None) -> None:
         """Control request from a mirror: a checkpoint now, or a listing of the index."""
-        self.control.append((kind, nonce))
+        if kind == "listing" and nonce:
+            if nonce not in self.listings:
+                self.listings.append(nonce)
+        elif kind == "checkpoint":
+            self.checkpoints.append(nonce)
         self._wake.set()
 
     def resync(self, path: str, mirror_hashes: bytes | None) -> None:
@@ -162,125 +122,194 @@ class VolumeWorker:
         self.resyncs[path] = mirror_hashes
         self.mark(path, force=True, delay=0)
 
-    def queue_rename(self, src: str, dst: str, is_dir: bool) -> None:
+    def queue_rename(self, src: str | None, dst: str | None, is_dir: bool) -> None:
         self.renames.append((src, dst, is_dir))
         self._wake.set()
 
+    def scan_found(self, renames: list[tuple[str, str]], dirty: list[str], unprotected: dict[str, str]) -> None:
+        """A reconcile scan's findings: queue them, and record what cannot be replicated."""
+        for src, dst in renames:
+            self.queue_rename(src, dst, False)
+        marked = [p for p in dirty if self.mark(p, force=False, delay=0)]
+        self.gate.scan_done(marked + [p for r in renames for p in r])
+        for path in self.unprotected.scanned(unprotected):
+            shown = printable(path)
+            log.error("cannot replicate %s (%s): not protected", shown, unprotected[path], extra={"volume": self.name, "path": shown})
+        self.m.unprotected.labels(self.name).set(len(self.unprotected))
+
+    def _unreplicable(self, path: str, why: str) -> None:
+        if self.unprotected.add(path, why):
+            self.m.errors.labels(self.name, "bad_name" if why == NOT_UTF8 else "scan").inc()
+            self.m.unprotected.labels(self.name).set(len(self.unprotected))
+            shown = printable(path)
+            log.error("cannot replicate %s (%s): not protected", shown, why, extra={"volume": self.name, "path": shown})
+
+    # -- state ----------------------------------------------------------------------------------
+    async def open(self) -> SourceIndex:
+        """Open the volume's index, retrying with backoff while state_dir cannot be written."""
+        failures = 0
+        while self.index is None:
+            try:
+                self.index = await asyncio.to_thread(self.open_index, self.state_dir, self.name)
+            except (StateError, PermanentError) as e:
+                failures += 1
+                delay = backoff(failures, STATE_BACKOFF)
+                self._state_failed(e, delay)
+                await asyncio.sleep(delay)
+        self._state_ok()
+        self.opened.set()
+        return self.index
+
+    def close(self) -> None:
+        if self.index is not None:
+            self.index.close()
+            self.index = None
+
+    def read_index(self) -> dict[str, Any]:
+        """Every committed entry (path → Entry), from a read-only connection: call in a thread."""
+        with self._open_index().reader() as r:
+            return {e.path: e for e in r.iter_volume(self.name)}
+
+    def _state_failed(self, err: BaseException, delay: float) -> None:
+        self.state_error = str(err)
+        self.m.state_ok.labels(self.name).set(0)
+        self.m.errors.labels(self.name, "state").inc()
+        log.error("state_dir not writable: %s; retrying in %.0f s", err, delay,
+                  extra={"volume": self.name, "path": str(self.state_dir), "event": "state_error"})
+
+    def _state_ok(self) -> None:
+        if self.state_error is not None:
+            log.info("state_dir writable again (%s)", self.state_dir, extra={"volume": self.name, "path": str(self.state_dir), "event": "state_ok"})
+        self.state_error = None
+        self.m.state_ok.labels(self.name).set(1)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pending_files": len(self.dirty),
+            "in_doubt_paths": len(self.doubt),
+            "unprotected_paths": len(self.unprotected),
+            "unprotected_by_reason": self.unprotected.by_reason(),
+            "state_ok": self.state_error is None,
+            "state_error": self.state_error,
+            "startup_scan_done": self.gate.scanned,
+            "listings_waiting": len(self.listings),
+            "last_published": self.last_published or None,
+            "sync": self.progress.snapshot(),
+        }
+
     # -- main loop --------------------------------------------------------------------------------
     async def run(self) -> None:
+        await self.open()
         while True:
-            while self.renames:
-                src, dst, is_dir = self.renames[0]
-                await self._rename(src, dst, is_dir)
-                self.renames.popleft()
-            now = time.monotonic()
-            if self.control or now >= self.next_checkpoint:
-                await self._control_work()
-            due = sorted(p for p, (t, _, _) in self.dirty.items() if t <= now)
-            if due:
-                await self._process(due)
-                continue
-            self._wake.clear()
-            if self.progress.active and not self.dirty and not self.scanning:
-                self._finish_progress()
-            timeout = min(min((t for t, _, _ in self.dirty.values()), default=now + 3600), self.next_checkpoint) - now
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(timeout, 0.001))
-            except asyncio.TimeoutError:
-                pass
+            await self.step()
 
-    async def _control_work(self) -> None:
-        """Checkpoints and listings, made between batches: the index then matches the stream."""
+    async def step(self) -> None:
+        while self.renames:
+            src, dst, is_dir = self.renames.popleft()
+            if not await self._rename(src, dst, is_dir):
+                self._renames_to_marks()
         now = time.monotonic()
-        work = list(self.control)
-        self.control.clear()
-        if now >= self.next_checkpoint:
-            self.next_checkpoint = now + self.checkpoint_interval
-            work.append(("checkpoint", None))
-        b = _Batch()
-        try:
-            for kind, nonce in work:
-                entries = list(self.index.iter_volume(self.name))
-                if kind == "checkpoint":
-                    root, files, nbytes = volume_digest(entries)
-                    self.checkpoint_id += 1
-                    f = {"id": self.checkpoint_id, "files": files, "bytes": nbytes, "root": root.hex()}
-                    if nonce:
-                        f["nonce"] = nonce
-                    await self._send(b, "checkpoint", f)
-                elif kind == "listing" and nonce:
-                    rows = [listing_row(e) for e in entries]
-                    parts = [rows[i : i + LISTING_ROWS] for i in range(0, len(rows), LISTING_ROWS)] or [[]]
-                    for i, part in enumerate(parts):
-                        b.futures.append(await self.pub.send(self.name, "listing", {"nonce": nonce, "part": i, "last": i == len(parts) - 1, "entries": part}, seq=False))
-                    log.info("sent a listing of %s (%d entries) to a mirror", self.name, len(rows), extra={"volume": self.name, "event": "listing"})
-            await self._flush(b)
-        except (TransientError, asyncio.TimeoutError, OSError) as e:
-            self.m.kafka_connected.set(0)
-            log.warning("checkpoint/listing not sent: %s", e, extra={"volume": self.name})
-            self.next_checkpoint = time.monotonic() + 5.0
+        if now >= self.next_control and (self.checkpoints or now >= self.next_checkpoint):
+            await self._checkpoint()
+        if self.listings and time.monotonic() >= self.next_control and self._listing_may_go():
+            await self._listing()
+        due = self.dirty.due(time.monotonic())
+        if due:
+            await self._process(due)
+            return
+        self._wake.clear()
+        if self.progress.active and not self.dirty and not self.scanning:
+            self._finish_progress()
+        await self._sleep()
 
-    def _finish_progress(self) -> None:
-        p = self.progress
-        el = time.monotonic() - p.started
-        log.info(
-            "sync of volume %s complete: %d files, %.1f MiB read in %.1f s (%.1f MiB/s)",
-            self.name, p.files_done, p.bytes_done / 2**20, el, p.bytes_done / 2**20 / max(el, 1e-6),
-            extra={"volume": self.name, "event": "sync_complete"},
-        )
-        p.active = False
-        self.m.sync_files_done.labels(self.name).set(p.files_done)
-        self.m.sync_bytes_done.labels(self.name).set(p.bytes_done)
+    async def _sleep(self) -> None:
+        now = time.monotonic()
+        until = min(self.dirty.next_due() or now + 3600, self.next_checkpoint)
+        if self.listings:
+            until = min(until, max(self.next_control, now + 1.0))
+        try:
+            await asyncio.wait_for(self._wake.wait(), max(until - now, 0.001))
+        except asyncio.TimeoutError:
+            pass
+
+    # -- batches --------------------------------------------------------------------------------
+    def _batch(self) -> Batch:
+        return Batch(self._open_index(), self.name)
 
     async def _process(self, due: list[str]) -> None:
-        batch = _Batch()
-        self.index.begin()
+        b: Batch | None = None
         try:
+            b = self._batch()
             for path in due:
-                entry = self.dirty.pop(path, None)
-                if entry is None:
+                mark = self.dirty.pop(path)
+                if mark is None:
                     continue
-                force = entry[2]
-                batch.paths.append((path, force))
-                try:
-                    await self._examine(path, force, batch)
-                except PublishError:
-                    raise
-                except FileChangedError:
-                    self.m.torn_reads.labels(self.name).inc()
-                    log.debug("file changed while reading; re-queued", extra={"volume": self.name, "path": path})
-                    self.mark(path, force=True, delay=max(self.debounce, 0.2))
-                except PermanentError as e:
-                    self.m.errors.labels(self.name, "read").inc()
-                    log.error("%s", e, extra={"volume": self.name, "path": path})
-                    self.mark(path, force=True, delay=30.0)
-                except TransientError as e:
-                    self.m.errors.labels(self.name, "read").inc()
-                    log.warning("%s; retrying", e, extra={"volume": self.name, "path": path})
-                    self.mark(path, force=True, delay=2.0)
-                if len(batch.paths) >= BATCH_PATHS or batch.payload_bytes >= BATCH_BYTES:
-                    await self._flush(batch)
-                    batch = _Batch()
-                    self.index.begin()
-            await self._flush(batch)
-        except (TransientError, asyncio.TimeoutError, OSError) as e:
-            await self._failed(batch, e)
-        except BaseException:
-            self.index.rollback()
+                b.paths.append(path)
+                await self._examine(b, path, mark.force)
+                if b.full:
+                    await self._settle(b)
+                    b = self._batch()
+            await self._settle(b)
+        except asyncio.CancelledError:
+            if b is not None:
+                b.rollback()
+                self._requeue(b, 0.0)
             raise
+        except Exception as e:  # noqa: BLE001 - every failure of a batch is reported and retried, never fatal
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # stopping: an error raised while cancelled
+                if b is not None:
+                    b.rollback()
+                    self._requeue(b, 0.0)
+                raise asyncio.CancelledError from e
+            await self._failed(b, e)
         self.m.pending_files.labels(self.name).set(len(self.dirty))
 
-    async def _flush(self, b: _Batch) -> None:
-        t0 = time.monotonic()
+    async def _examine(self, b: Batch, path: str, force: bool) -> None:
+        resync = path in self.resyncs
+        mirror_hashes = self.resyncs.pop(path, None)
+        doubt = self.doubt.blocks(path) if path in self.doubt else None
+        try:
+            await self.examiner.path(b, path, force=force, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt)
+        except (PublishError, StateError):
+            if resync:
+                self.resyncs[path] = mirror_hashes
+            raise
+        except FileChangedError:
+            self.m.torn_reads.labels(self.name).inc()
+            log.debug("file changed while reading; re-queued", extra={"volume": self.name, "path": path})
+            self._retry_path(b, path, resync, mirror_hashes, max(self.dirty.debounce, 0.2))
+        except PermanentError as e:
+            self.m.errors.labels(self.name, "read").inc()
+            log.error("%s", e, extra={"volume": self.name, "path": path})
+            self._retry_path(b, path, resync, mirror_hashes, 30.0)
+        except TransientError as e:
+            self.m.errors.labels(self.name, "read").inc()
+            log.warning("%s; retrying", e, extra={"volume": self.name, "path": path})
+            self._retry_path(b, path, resync, mirror_hashes, 2.0)
+
+    def _retry_path(self, b: Batch, path: str, resync: bool, mirror_hashes: bytes | None, delay: float) -> None:
+        """The examination of ``path`` stopped halfway: what it sent is in doubt; look again later."""
+        if resync:
+            self.resyncs[path] = mirror_hashes  # answer the mirror on the retry
+        if path in b.sent_blocks:
+            self.doubt.add(path, b.sent_blocks[path])
+        self.mark(path, force=True, delay=delay)
+
+    async def _settle(self, b: Batch) -> None:
+        took = await b.settle()
         if b.futures:
-            results = await asyncio.gather(*b.futures, return_exceptions=True)
-            errs = [r for r in results if isinstance(r, BaseException)]
-            if errs:
-                raise PublishError(f"Kafka did not acknowledge {len(errs)} of {len(results)} records: {errs[0]!r}")
-            self.m.publish_latency.labels(self.name).observe(time.monotonic() - t0)
-        self.index.commit()
+            self.m.publish_latency.labels(self.name).observe(took)
         self.failures = 0
+        self._state_ok()
         self.m.kafka_connected.set(1)
+        done = [p for p in b.paths if p not in self.dirty]  # examined to the end (not re-queued)
+        self.doubt.settle(done)
+        self.gate.examined(b.paths)
+        self.m.in_doubt.labels(self.name).set(len(self.doubt))
+        self._count(b)
+
+    def _count(self, b: Batch) -> None:
         n = self.name
         for op, k in b.ops.items():
             self.m.published_events.labels(n, op).inc(k)
@@ -296,199 +325,196 @@ class VolumeWorker:
             self.m.sync_files_done.labels(n).set(p.files_done)
             self.m.sync_bytes_done.labels(n).set(p.bytes_done)
 
-    async def _failed(self, b: _Batch, err: BaseException) -> None:
-        self.index.rollback()
-        self.m.kafka_connected.set(0)
-        self.m.errors.labels(self.name, "publish").inc()
+    async def _failed(self, b: Batch | None, err: BaseException) -> None:
+        """Roll back, put the batch's paths in doubt, mark them again with backoff, report."""
+        if b is not None:
+            b.rollback()
         self.failures += 1
-        backoff = min(2.0 ** self.failures, 30.0)
-        log.error("publishing failed (%s); %d path(s) retried in %.0f s", err, len(b.paths), backoff, extra={"volume": self.name})
-        # Records may have reached the mirror although the batch failed: forget the hashes of
-        # every block we tried to send, so they are sent again whatever the file holds next.
-        if b.sent_blocks:
-            self.index.begin()
-            for path, idxs in b.sent_blocks.items():
-                self._forget_blocks(path, idxs)
-            self.index.commit()
-        for path, _force in b.paths:
-            self.mark(path, force=True, delay=backoff)
-        await asyncio.sleep(backoff)
-
-    def _forget_blocks(self, path: str, idxs: set[int]) -> None:
-        e = self.index.get(self.name, path)
-        if e is None or e.kind != FILE:
-            return
-        h = bytearray(e.hashes)
-        for i in idxs:
-            if (i + 1) * HASH_LEN <= len(h):
-                h[i * HASH_LEN : (i + 1) * HASH_LEN] = UNKNOWN_HASH
-        self.index.put(self.name, Entry(e.path, e.kind, e.size, e.mtime_ns, e.ino, e.mode, e.target, bytes(h), e.root))
-
-    # -- one path -------------------------------------------------------------------------------
-    async def _send(self, b: _Batch, op: str, fields: dict[str, Any], payload: bytes = b"") -> None:
-        b.futures.append(await self.pub.send(self.name, op, fields, payload))
-        b.ops[op] = b.ops.get(op, 0) + 1
-
-    def _abs(self, rel: str) -> str:
-        return os.path.join(self.root, rel)
-
-    async def _remove(self, b: _Batch, path: str, e: Entry) -> None:
-        if e.kind == DIR:
-            await self._send(b, "rmtree", {"path": path})
-            self.index.delete_tree(self.name, path)
+        delay = backoff(self.failures, STATE_BACKOFF if isinstance(err, StateError) else KAFKA_BACKOFF)
+        if isinstance(err, StateError):
+            self._state_failed(err, delay)
+        elif isinstance(err, TransientError):
+            self.m.kafka_connected.set(0)
+            self.m.errors.labels(self.name, "publish").inc()
+            log.error("publishing failed (%s); %d path(s) retried in %.0f s", err, len(b.paths) if b else 0, delay, extra={"volume": self.name})
         else:
-            await self._send(b, "delete", {"path": path})
-            self.index.delete(self.name, path)
+            self.m.errors.labels(self.name, "internal").inc()
+            log.error("batch failed: %r; %d path(s) retried in %.0f s", err, len(b.paths) if b else 0, delay,
+                      extra={"volume": self.name}, exc_info=err)
+        if b is not None:
+            for path in b.paths:
+                self.doubt.add(path, b.sent_blocks.get(path, ()))
+            self.gate.examined(b.paths)
+            self._requeue(b, delay)
+            self._persist_forgotten(b)
+        self.m.in_doubt.labels(self.name).set(len(self.doubt))
+        await asyncio.sleep(delay)
 
-    async def _examine(self, path: str, force: bool, b: _Batch) -> None:
-        st = None if self.vol.is_excluded(path) else lstat(self._abs(path))
-        e = self.index.get(self.name, path)
-        resync = path in self.resyncs
-        mirror_hashes = self.resyncs.pop(path, None)
-        if st is None or st.kind == "o":
-            if e is not None:
-                await self._remove(b, path, e)
-            elif resync:
-                await self._send(b, "delete", {"path": path})
+    def _requeue(self, b: Batch, delay: float) -> None:
+        for path in b.paths:
+            self.mark(path, force=True, delay=delay)
+
+    def _persist_forgotten(self, failed: Batch) -> None:
+        """Best effort: record the attempted blocks as unknown in the index too, so a restart resends
+        them (while running, :class:`InDoubt` does). Nothing to do if state_dir is still failing."""
+        if not failed.sent_blocks or self.index is None:
             return
-        if resync and st.kind == DIR and e is not None and e.kind == DIR:
-            await self._send(b, "mkdir", {"path": path, "mode": st.mode})
-            self.index.put(self.name, Entry(path, DIR, 0, st.mtime_ns, st.ino, st.mode))
+        b: Batch | None = None
+        try:
+            b = Batch(self.index, self.name)
+            for path, idxs in failed.sent_blocks.items():
+                forget_blocks(b, path, idxs)
+            b.commit()
+        except StateError:
+            if b is not None:
+                b.rollback()
+
+    # -- checkpoints and listings ----------------------------------------------------------------
+    async def _checkpoint(self) -> None:
+        now = time.monotonic()
+        nonces = list(self.checkpoints) or [None]
+        self.checkpoints.clear()
+        self.next_checkpoint = now + self.checkpoint_interval
+        b = Batch(None, self.name)
+        try:
+            for nonce in nonces:
+                self.checkpoint_id += 1
+                fields = await checkpoint_fields(self._open_index(), self.name, self.checkpoint_id, nonce)
+                b.sent("checkpoint", await self.pub.send(self.name, "checkpoint", fields))
+            await b.acks()
+            self._count(b)
+        except Exception as e:  # noqa: BLE001 - a checkpoint is retried, never fatal
+            self.checkpoints.extend(n for n in nonces if n)
+            self._control_failed("checkpoint", e)
+
+    def _listing_may_go(self) -> bool:
+        why = listing_blocked(self.gate, self.doubt)
+        if why is None:
+            return True
+        for nonce in self.listings:
+            if nonce not in self._deferred:
+                self._deferred.add(nonce)
+                self.m.listings.labels(self.name, "deferred").inc()
+                log.info("listing %s of %s deferred: %s", nonce, self.name, why, extra={"volume": self.name, "event": "listing_deferred"})
+        return False
+
+    async def _listing(self) -> None:
+        nonce = self.listings[0]
+        b = Batch(None, self.name)
+        try:
+            rows = await send_listing(self._open_index(), self.pub, self.name, nonce, b)
+            await b.acks()
+        except Exception as e:  # noqa: BLE001 - the listing stays queued and is tried again
+            self.m.listings.labels(self.name, "failed").inc()
+            self._control_failed("listing", e)
             return
-        if resync and st.kind == SYMLINK:
-            e = None  # resend the link as it is now
-        if e is not None and e.kind != st.kind:
-            await self._remove(b, path, e)
-            e = None
-        if st.kind == DIR:
-            if e is None or e.mode != st.mode or e.ino != st.ino:
-                await self._send(b, "mkdir", {"path": path, "mode": st.mode})
-                self.index.put(self.name, Entry(path, DIR, 0, st.mtime_ns, st.ino, st.mode))
-            if e is None:
-                self._mark_children(path)
-        elif st.kind == SYMLINK:
-            try:
-                target = os.readlink(self._abs(path))
-            except FileNotFoundError:
-                raise FileChangedError(path) from None
-            if e is None or e.target != target:
-                await self._send(b, "symlink", {"path": path, "target": target})
-                self.index.put(self.name, Entry(path, SYMLINK, 0, st.mtime_ns, st.ino, 0, target))
-        else:
-            await self._file(path, st, e, force, b, resync=resync, mirror_hashes=mirror_hashes)
+        self.listings.popleft()
+        self._deferred.discard(nonce)
+        self._count(b)
+        self.m.listings.labels(self.name, "sent").inc()
+        log.info("sent listing %s of %s (%d entries, %d part(s))", nonce, self.name, rows, len(b.futures),
+                 extra={"volume": self.name, "event": "listing"})
+
+    def _control_failed(self, what: str, e: BaseException) -> None:
+        self.next_control = time.monotonic() + CONTROL_RETRY
+        self.next_checkpoint = min(self.next_checkpoint, self.next_control)
+        if isinstance(e, StateError):
+            self._state_failed(e, CONTROL_RETRY)
+            return
+        if isinstance(e, TransientError):
+            self.m.kafka_connected.set(0)
+        log.warning("%s of %s not sent: %s; retrying in %.0f s", what, self.name, e, CONTROL_RETRY, extra={"volume": self.name})
+
+    def _open_index(self) -> SourceIndex:
+        if self.index is None:
+            raise StateError(f"index of {self.name} is not open")
+        return self.index
+
+    # -- progress -------------------------------------------------------------------------------
+    def _finish_progress(self) -> None:
+        p = self.progress
+        el = time.monotonic() - p.started
+        log.info(
+            "sync of volume %s complete: %d files, %.1f MiB read in %.1f s (%.1f MiB/s)",
+            self.name, p.files_done, p.bytes_done / 2**20, el, p.bytes_done / 2**20 / max(el, 1e-6),
+            extra={"volume": self.name, "event": "sync_complete"},
+        )
+        p.active = False
+        self.m.sync_files_done.labels(self.name).set(p.files_done)
+        self.m.sync_bytes_done.labels(self.name).set(p.bytes_done)
 
     def _mark_children(self, path: str) -> None:
         try:
-            names = os.listdir(self._abs(path))
+            names = os.listdir(self.vol.path / path)
         except OSError:
             return
         for n in names:
             self.mark(f"{path}/{n}", force=True, delay=0)
 
-    async def _file(
-        self, path: str, st: Stat, e: Entry | None, force: bool, b: _Batch, *, resync: bool = False, mirror_hashes: bytes | None = None
-    ) -> None:
-        if not force and e is not None and (e.size, e.mtime_ns, e.ino, e.mode) == (st.size, st.mtime_ns, st.ino, st.mode):
-            return
-        bs = self.vol.block_size
-        known = e.hashes if e is not None else None
-        if resync:
-            # answer a mirror: diff against what *it* has, and always end with a manifest
-            known = mirror_hashes
-            e = None
-        res = ReadResult(before=st)
-        gen = read_file(self._abs(path), bs, known, res)
-        sent = b.sent_blocks.setdefault(path, set())
-        size_changed = e is None or e.size != st.size
-        first = True
-        blocks_changed = False
-        try:
-            while True:
-                seg = await asyncio.to_thread(next, gen, None)
-                if seg is None:
-                    break
-                if first and size_changed:
-                    await self._send(b, "truncate", {"path": path, "size": st.size, "bs": bs})
-                first = False
-                for blk, data in seg.changed:
-                    fields = {"path": path, "off": blk.offset, "len": blk.length, "hash": blk.hash.hex(), "size": st.size, "zero": blk.zero, "bs": bs}
-                    await self._send(b, "block", fields, data)
-                    sent.add(blk.index)
-                    if blk.zero:
-                        b.blocks["zero"] += 1
-                    else:
-                        b.blocks["changed"] += 1
-                        b.payload_bytes += blk.length
-                    blocks_changed = True
-                b.blocks["unchanged"] += seg.unchanged
-        except FileChangedError:
-            if sent:
-                self._forget_blocks(path, sent)
-            if resync:
-                self.resyncs[path] = mirror_hashes  # answer the mirror on the retry
-            raise
-        finally:
-            gen.close()
-        b.files_done += 1
-        b.bytes_read += res.bytes_read
-        hashes = bytes(res.hashes)
-        if (
-            e is not None
-            and not blocks_changed
-            and not size_changed
-            and (e.mode, e.mtime_ns, e.ino) == (st.mode, st.mtime_ns, st.ino)
-            and e.hashes == hashes
-        ):
-            return
-        root = file_root(hashes, st.size)
-        mf = {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(), "bs": bs}
-        if resync:
-            mf["repair"] = True
-            log.info("resent %s to a mirror (%d block(s))", path, len(sent), extra={"volume": self.name, "path": path, "event": "resync"})
-        await self._send(b, "manifest", mf)
-        self.index.put(self.name, Entry(path, FILE, st.size, st.mtime_ns, st.ino, st.mode, None, hashes, root))
-
     # -- renames --------------------------------------------------------------------------------
-    async def _rename(self, src: str | None, dst: str | None, is_dir: bool) -> None:
-        if src is not None and self.vol.is_excluded(src):
-            src = None
-        if dst is not None and self.vol.is_excluded(dst):
+    def _renames_to_marks(self) -> None:
+        """After a failed rename, queued renames (e.g. the per-child events of a moved directory)
+        are examined as paths instead: slower, but nothing waits on a failing Kafka or state_dir."""
+        delay = backoff(self.failures, STATE_BACKOFF)
+        while self.renames:
+            src, dst, _ = self.renames.popleft()
+            for p in (src, dst):
+                if p:
+                    self.mark(p, force=True, delay=delay)
+
+    async def _rename(self, src: str | None, dst: str | None, is_dir: bool) -> bool:
+        """Publish one rename; False if it failed (both paths are then in doubt and marked)."""
+        for p in (src, dst):
+            if p is not None and not replicable_name(p):
+                self._unreplicable(p, NOT_UTF8)
+        src = src if src is not None and replicable_name(src) and not self.vol.is_excluded(src) else None
+        if dst is not None and (not replicable_name(dst) or self.vol.is_excluded(dst)):
             if src is not None:
                 self.mark(src, force=True, delay=0)
-            return
-        if not src:
-            if dst:
-                self.mark(dst, force=True, delay=0)
-            return
-        if not dst:
-            self.mark(src, force=True, delay=0)
-            return
-        e = self.index.get(self.name, src)
-        if e is None:
+            return True
+        if not src or not dst:
+            if src or dst:
+                self.mark(src or dst or "", force=bool(src), delay=0)
+            return True
+        idx = self._open_index()
+        if idx.get(self.name, src) is None:
             # unknown source (new file, or already moved with its parent directory)
             self.mark(dst, force=False, delay=0)
-            return
-        # pending marks under src follow the rename
-        for p in [p for p in self.dirty if p == src or p.startswith(src + "/")]:
-            self.dirty[dst + p[len(src) :]] = self.dirty.pop(p)
-        b = _Batch()
-        self.index.begin()
+            return True
+        self.dirty.move(src, dst)
+        b: Batch | None = None
         try:
-            await self._send(b, "rename", {"path": src, "dst": dst})
-            self.index.rename(self.name, src, dst)
-            await self._flush(b)
-        except (TransientError, asyncio.TimeoutError, OSError) as err:
-            self.index.rollback()
-            self.m.kafka_connected.set(0)
-            log.error("publishing rename failed (%s); falling back to rescanning both paths", err, extra={"volume": self.name, "path": src})
-            self.mark(src, force=True, delay=2.0)
-            self.mark(dst, force=True, delay=2.0)
-            return
-        except BaseException:
-            self.index.rollback()
+            b = Batch(idx, self.name)
+            b.sent("rename", await self.pub.send(self.name, "rename", {"path": src, "dst": dst}))
+            b.rename(src, dst)
+            b.paths += [src, dst]
+            await self._settle(b)
+        except asyncio.CancelledError:
+            if b is not None:
+                b.rollback()
+            self.mark(src, force=True, delay=0)
+            self.mark(dst, force=True, delay=0)
             raise
+        except Exception as err:  # noqa: BLE001 - fall back to examining both paths
+            if b is not None:
+                b.rollback()
+            self.failures += 1
+            delay = backoff(self.failures, STATE_BACKOFF)
+            if isinstance(err, StateError):
+                self._state_failed(err, delay)
+            else:
+                self.m.kafka_connected.set(0)
+                self.m.errors.labels(self.name, "publish").inc()
+                log.error("publishing rename failed (%s); re-examining both paths", err, extra={"volume": self.name, "path": src})
+            self.doubt.add(src)
+            self.doubt.add(dst)
+            self.m.in_doubt.labels(self.name).set(len(self.doubt))
+            self.mark(src, force=True, delay=delay)
+            self.mark(dst, force=True, delay=delay)
+            return False
         self.mark(dst, force=False, delay=0)
         self.mark(src, force=False, delay=0)  # if something new appeared at src meanwhile
+        return True
 
 
-__all__ = ["VolumeWorker", "Progress", "zero_hash"]
+__all__ = ["VolumeWorker", "Progress"]

@@ -92,6 +92,7 @@ def test_walk_respects_excludes(tmp_path):
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "big").write_text("x")
     os.symlink("keep", tmp_path / "link")
-    disk, targets = walk(str(tmp_path), lambda rel: rel.endswith(".swp") or rel == ".cache" or rel.startswith(".cache/"))
-    assert sorted(disk) == ["keep", "link"]
-    assert targets == {"link": "keep"}
+    w = walk(str(tmp_path), lambda rel: rel.endswith(".swp") or rel == ".cache" or rel.startswith(".cache/"))
+    assert sorted(w.disk) == ["keep", "link"]
+    assert w.targets == {"link": "keep"}
+    assert w.unprotected == {}

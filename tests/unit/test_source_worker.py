@@ -1,0 +1,308 @@
+"""The volume worker without a broker: a fake record sink that acks, holds or fails records.
+
+Each worker owns its index file; batches commit only their own rows after their own acks; a failed
+batch (Kafka or state_dir) is rolled back, reported and retried; listings are sequenced, verified
+parts and wait for the start-up scan and for paths in doubt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from daemon import wire
+from daemon.config import VolumeConfig
+from daemon.index import SeqAllocator, SourceIndex, volume_index
+from daemon.metrics import SourceMetrics
+from daemon.mirror.spool import ListingSpool
+from daemon.source.publisher import Publisher
+from daemon.source.volume import VolumeWorker
+
+
+class Sink:
+    """Records every event; acks at once, or holds / fails the acks of chosen volumes."""
+
+    def __init__(self) -> None:
+        self.events: list[wire.Event] = []
+        self.fail: set[str] = set()
+        self.hold: set[str] = set()
+        self.held: list[tuple[str, asyncio.Future]] = []
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future:
+        ev = wire.decode(value, key)  # everything the source sends passes the real decoder
+        self.events.append(ev)
+        fut = asyncio.get_running_loop().create_future()
+        if ev.vol in self.hold:
+            self.held.append((ev.vol, fut))
+        elif ev.vol in self.fail:
+            fut.set_exception(ConnectionError("broker gone"))
+        else:
+            fut.set_result(None)
+        return fut
+
+    def release(self, vol: str, *, ok: bool) -> None:
+        for v, fut in [h for h in self.held if h[0] == vol]:
+            fut.set_result(None) if ok else fut.set_exception(ConnectionError("no ack"))
+        self.held = [h for h in self.held if h[0] != vol]
+
+    def ops(self, vol: str, op: str | None = None, path: str | None = None) -> list[wire.Event]:
+        return [e for e in self.events if e.vol == vol and (op is None or e.op == op) and (path is None or e.path == path)]
+
+
+class Env:
+    def __init__(self, tmp: Path, **open_kw) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.sink = Sink()
+        self.seqs = SeqAllocator(self.state / "sequence.json")
+        self.pub = Publisher(self.sink, "t", self.seqs)
+        self.reg = CollectorRegistry()
+        self.m = SourceMetrics(self.reg)
+        self.workers: dict[str, VolumeWorker] = {}
+        self.tasks: list[asyncio.Task] = []
+
+    def worker(self, name: str, **kw) -> VolumeWorker:
+        root = self.tmp / "src" / name
+        root.mkdir(parents=True, exist_ok=True)
+        self.m.init_volume(name)
+        w = VolumeWorker(VolumeConfig(name, root, 16384), self.state, self.pub, self.m, debounce=0.01, max_delay=0.05,
+                         checkpoint_interval=3600, **kw)
+        self.workers[name] = w
+        self.tasks.append(asyncio.create_task(w.run()))
+        return w
+
+    def metric(self, name: str, **labels) -> float:
+        return self.reg.get_sample_value(name, labels) or 0.0
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for w in self.workers.values():
+            w.close()
+
+
+def committed(state: Path, vol: str) -> dict[str, object]:
+    """What another process would see: the committed rows of the volume's own index file."""
+    db = sqlite3.connect(f"file:{state / f'index-{vol}.sqlite'}?mode=ro", uri=True)
+    try:
+        return {r[0]: r[1] for r in db.execute("SELECT path, kind FROM entries WHERE volume=?", (vol,))}
+    finally:
+        db.close()
+
+
+async def until(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    await e.stop()
+
+
+async def test_a_volume_commits_only_its_own_rows_after_its_own_acks(env):
+    """Volume B's commit must not commit volume A's rows while A's acks are outstanding (the
+    shared-transaction bug), and A's failed batch must be re-sent."""
+    a, b = env.worker("a"), env.worker("b")
+    await until(lambda: a.index and b.index, what="indexes open")
+    assert (env.state / "index-a.sqlite").exists() and (env.state / "index-b.sqlite").exists()
+    (a.vol.path / "fa").write_bytes(os.urandom(40000))
+    (b.vol.path / "fb").write_bytes(os.urandom(40000))
+    env.sink.hold.add("a")
+    a.mark("fa", force=False)
+    await until(lambda: env.sink.ops("a", "manifest", "fa"), what="a's records sent (acks held)")
+    b.mark("fb", force=False)
+    await until(lambda: "fb" in committed(env.state, "b"), what="b committed")
+    assert "fa" not in committed(env.state, "a")  # b's commit did not take a's rows with it
+    env.sink.hold.clear()
+    env.sink.release("a", ok=False)  # a's records were never acknowledged
+    await until(lambda: "fa" in committed(env.state, "a"), what="a retried and committed")
+    assert len(env.sink.ops("a", "manifest", "fa")) == 2  # sent again, not forgotten
+    assert env.metric("volmirror_source_errors_total", volume="a", kind="publish") >= 1
+    assert env.metric("volmirror_source_errors_total", volume="b", kind="publish") == 0
+    assert len(a.doubt) == 0
+
+
+class FullDiskIndex(SourceIndex):
+    """A real index whose commits fail like a full disk while ``full`` is set (injected, no env vars)."""
+
+    full = False
+
+    def commit(self) -> None:
+        if self.full and self.in_transaction:
+            raise sqlite3.OperationalError("database or disk is full")
+        super().commit()
+
+
+async def test_state_failure_is_reported_rolled_back_and_retried(env):
+    made: list[FullDiskIndex] = []
+
+    def open_index(state_dir: Path, vol: str) -> SourceIndex:
+        idx = FullDiskIndex(state_dir / f"index-{vol}.sqlite")
+        made.append(idx)
+        return idx
+
+    w = env.worker("v", open_index=open_index)
+    await until(lambda: made, what="index open")
+    FullDiskIndex.full = True
+    try:
+        for i in range(20):
+            (w.vol.path / f"f{i}").write_bytes(os.urandom(1000 + i))
+            w.mark(f"f{i}", force=False)
+        await until(lambda: env.metric("volmirror_source_state_ok", volume="v") == 0, what="state_ok 0")
+        assert env.metric("volmirror_source_errors_total", volume="v", kind="state") >= 1
+        st = w.status()
+        assert st["state_ok"] is False and "index-v.sqlite" in st["state_error"] and "full" in st["state_error"]
+        assert committed(env.state, "v") == {}
+        # acked but rolled back: every path may be at the mirror, none is lost
+        await until(lambda: w.status()["in_doubt_paths"] == 20, timeout=15, what="all 20 paths in doubt")
+        assert committed(env.state, "v") == {}
+    finally:
+        FullDiskIndex.full = False
+    await until(lambda: len(committed(env.state, "v")) == 20, timeout=15, what="recovered and committed")
+    await until(lambda: env.metric("volmirror_source_state_ok", volume="v") == 1, what="state_ok back to 1")
+    assert w.status()["state_ok"] is True and len(w.doubt) == 0
+    assert len(env.sink.ops("v", "manifest")) >= 40  # every file published again after the rollback
+
+
+async def test_path_in_doubt_is_resent_even_if_it_went_back(env):
+    """A file changes A→B, B's batch fails after sending, the file goes back to A: the mirror may
+    hold B's blocks, so A's blocks and manifest are sent again although the index says A."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    p = w.vol.path / "f"
+    a_data = os.urandom(3 * 16384)
+    p.write_bytes(a_data)
+    os.utime(p, ns=(1, 1_000_000_000))
+    w.mark("f", force=False)
+    await until(lambda: "f" in committed(env.state, "v"), what="A committed")
+    env.sink.fail.add("v")
+    p.write_bytes(a_data[:16384] + os.urandom(16384) + a_data[32768:])  # block 1 changes
+    w.mark("f", force=False)
+    await until(lambda: "f" in w.doubt, what="batch failed, f in doubt")
+    assert w.doubt.blocks("f") == {1}
+    p.write_bytes(a_data)
+    os.utime(p, ns=(1, 1_000_000_000))  # back to exactly what the index holds
+    n = len(env.sink.ops("v", "manifest", "f"))
+    env.sink.fail.clear()
+    await until(lambda: not w.doubt, timeout=15, what="doubt cleared")
+    resent = [e for e in env.sink.ops("v", "block", "f")][-1]
+    assert resent["off"] == 16384 and len(env.sink.ops("v", "manifest", "f")) > n
+
+
+async def test_listing_waits_for_the_startup_scan(env, tmp_path):
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    for i in range(50):
+        (w.vol.path / f"f{i:03d}").write_bytes(b"x" * i)
+        w.mark(f"f{i:03d}", force=False)
+    await until(lambda: len(committed(env.state, "v")) == 50, what="files committed")
+    w.request("listing", "n1")
+    await asyncio.sleep(0.5)
+    assert env.sink.ops("v", "listing") == []  # deferred: no start-up scan yet
+    assert env.metric("volmirror_source_listings_total", volume="v", result="deferred") == 1
+    w.scan_found([], ["f000"], {})
+    await until(lambda: env.sink.ops("v", "listing"), what="listing sent once the scan's findings were examined")
+    evs = env.sink.ops("v", "listing")
+    spool = ListingSpool(tmp_path / "spool.sqlite")
+    done = None
+    for ev in evs:
+        done = spool.add(ev)  # the mirror's checks: contiguous seqs, part hashes, count, root
+    assert done is not None and done.digest.count == 50
+    assert [e.seq for e in evs] == list(range(evs[0].seq, evs[0].seq + len(evs)))
+
+
+async def test_listing_waits_for_paths_in_doubt(env, tmp_path):
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    w.scan_found([], [], {})
+    env.sink.fail.add("v")
+    (w.vol.path / "new").write_bytes(b"created while Kafka fails")
+    w.mark("new", force=False)
+    await until(lambda: "new" in w.doubt, what="batch failed")
+    w.request("listing", "n2")
+    await asyncio.sleep(0.5)
+    assert env.sink.ops("v", "listing") == []  # "new" may be at the mirror but not in the index
+    env.sink.fail.clear()
+    await until(lambda: env.sink.ops("v", "listing"), timeout=15, what="listing after the retry")
+    last = env.sink.ops("v", "listing")[-1]
+    assert last["last"] and last["count"] == 1 and last["entries"][-1][0] == "new"
+    manifests = env.sink.ops("v", "manifest", "new")
+    assert manifests[-1].seq < last.seq  # the retry was published before the listing
+
+
+async def test_large_listing_is_streamed_in_verified_parts(env, tmp_path):
+    w = env.worker("v")
+    idx = await until(lambda: w.index, what="index open")
+    from daemon.index import Entry
+
+    idx.begin()
+    for i in range(20000):
+        idx.put("v", Entry(f"d{i % 7}/é-{i:06d}", "f", i, 10, i, 0o644, None, b"", bytes(16)))
+    idx.commit()
+    w.scan_found([], [], {})
+    w.request("listing", "big")
+    await until(lambda: any(e["last"] for e in env.sink.ops("v", "listing")), timeout=30, what="listing")
+    evs = env.sink.ops("v", "listing")
+    assert len(evs) > 10
+    spool = ListingSpool(tmp_path / "spool.sqlite")
+    res = [spool.add(ev) for ev in evs]
+    assert res[-1] is not None and res[-1].digest.count == 20000
+
+
+async def test_names_that_are_not_utf8_are_never_sent_and_are_counted(env):
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    bad = os.fsdecode(b"caf\xe9.txt")
+    (w.vol.path / "ok.txt").write_text("fine")
+    with open(os.path.join(os.fsencode(w.vol.path), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"latin-1 name")
+    assert w.mark(bad, force=True) is False
+    w.mark("ok.txt", force=False)
+    await until(lambda: "ok.txt" in committed(env.state, "v"), what="ok.txt committed")
+    assert not [e for e in env.sink.events if e.path == bad]
+    assert env.metric("volmirror_source_unprotected_paths", volume="v") == 1
+    assert w.status()["unprotected_paths"] == 1
+    w.mark(bad, force=True)  # counted once
+    assert len(w.unprotected) == 1
+    w.scan_found([], [], {})  # a scan that no longer finds it: back to 0
+    assert env.metric("volmirror_source_unprotected_paths", volume="v") == 0
+
+
+async def test_legacy_shared_index_is_imported_once(tmp_path):
+    state = tmp_path / "state"
+    legacy = SourceIndex(state / "index.sqlite")
+    from daemon.index import Entry
+
+    legacy.begin()
+    for vol in ("a", "b"):
+        for i in range(3):
+            legacy.put(vol, Entry(f"{vol}{i}", "f", i, 1, i, 0o644, None, b"", bytes(16)))
+    legacy.commit()
+    legacy.close()
+    ia = volume_index(state, "a")
+    assert [e.path for e in ia.iter_volume("a")] == ["a0", "a1", "a2"] and list(ia.iter_volume("b")) == []
+    ia.begin()
+    ia.delete("a", "a0")
+    ia.commit()
+    ia.close()
+    ia = volume_index(state, "a")  # not imported a second time: the delete stays
+    assert [e.path for e in ia.iter_volume("a")] == ["a1", "a2"]
+    ia.close()
+    ib = volume_index(state, "b")
+    assert [e.path for e in ib.iter_volume("b")] == ["b0", "b1", "b2"]
+    ib.close()
