@@ -192,12 +192,11 @@ class MirrorIndex(SourceIndex):
     def set_entry(self, vol: str, e: Entry) -> None:
         """Record a directory or symlink at ``e.path``.
 
-        A directory that is already a directory keeps everything below it: a ``mkdir`` for an
-        existing directory (a ``chmod``, an inode change, a directory published after its first
-        files) changes its metadata only. Rows below the path are dropped only when the *kind*
-        changes, which the applier mirrors on disk (the stream replaced the tree)."""
-        old = self.lookup(vol, e.path)
-        keep_below = old is not None and old.kind == e.kind == "d"
+        A ``mkdir`` never drops rows below its path: for an existing directory (a ``chmod``, an
+        inode change) it changes metadata only, and a directory published after its first files
+        (``cp -r``: the files' events can come first) has rows below it that are real. Rows below
+        are dropped only when a symlink replaces a directory (the applier removes that tree)."""
+        keep_below = e.kind == "d"  # whatever was (or was not) there before, rows below stay
         self._drop_cached(vol, e.path, tree=not keep_below)
         self.begin()
         if not keep_below:

@@ -78,7 +78,8 @@ class Verifier:
         self.results: dict[str, CheckpointResult] = {}  # by nonce, for `verify`
         self.listing_done: set[str] = set()
         self.block_size: dict[str, int] = {}
-        self.asked: dict[str, float] = {}  # listing nonces this mirror asked for → monotonic time
+        self.asked: dict[str, float] = {}
+        self.adopted = 0  # files adopted from disk by the last listing compared  # listing nonces this mirror asked for → monotonic time
         self._listing_asked: dict[str, float] = {}
 
     # -- drift shortcuts ------------------------------------------------------------------------
@@ -232,6 +233,7 @@ class Verifier:
         deletions, and each is justified by this listing."""
         out: dict[str, str] = {}
         vr = self.ap.vol_root(vol)
+        self.adopted = 0
         for src in rows:
             if self.quarantined(vol, src.path):
                 continue
@@ -266,6 +268,8 @@ class Verifier:
             log.warning("deleted %s (%d file(s)): the source's complete listing does not have it", path, n,
                         extra={"volume": vol, "path": path, "event": "deleted", "reason": "listing"})
             self.resolved(vol, path, tree=True)
+        log.info("listing of %s compared: %d path(s) differ, %d file(s) on disk adopted into the index without transfer",
+                 vol, len(out), self.adopted, extra={"volume": vol, "event": "listing_compared"})
         return out
 
     def _repair_listed(self, vol: str, src: Row, mine: Entry | None, full: str, d: R.Decision, hashes: bytes | None) -> None:
@@ -326,6 +330,7 @@ class Verifier:
         rec.size, rec.mode, rec.mtime_ns, rec.hashes, rec.root = src.size, src.mode, src.mtime_ns, bytearray(hashes), src.root
         self.idx.touch(vol, src.path)
         self.resolved(vol, src.path)
+        self.adopted += 1
 
     def _local(self, ev: Event) -> None:
         """Apply a locally built op (repair from what the index or a listing says)."""

@@ -111,6 +111,19 @@ def test_chmod_of_directory_keeps_its_files(env):
     assert len(os.listdir(vr / "docs")) == 50 and actor.drift.count(VOL) == 0
 
 
+def test_directory_published_after_its_first_files_keeps_them(env):
+    # cp -r: the watcher can report files inside a new directory before the directory itself
+    actor, _, reg, vr = env
+    st = Stream()
+    recs = [st.announce()]
+    for i in range(20):
+        recs += st.file(f"new/f{i}.txt", b"%d" % i)
+    recs.append(st.rec("mkdir", path="new", mode=0o755))
+    apply(actor, recs)
+    assert len(os.listdir(vr / "new")) == 20
+    assert len(actor.idx.paths(VOL)) == 21  # the index still knows every file below it
+
+
 def test_scrubber_never_deletes_what_the_index_lacks(env):
     actor, sent, reg, vr = env
     st = Stream()
