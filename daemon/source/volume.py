@@ -210,7 +210,13 @@ class VolumeWorker:
                 self._renames_to_marks()
         now = time.monotonic()
         if now >= self.next_control and (self.checkpoints or now >= self.next_checkpoint):
-            await self._checkpoint()
+            if listing_blocked(self.gate, self.doubt) is None:
+                await self._checkpoint()
+            else:
+                # the index is behind the stream (start-up scan not done, or a failed batch's
+                # records may have reached the mirror): a digest now would report drift that is not
+                # there; check again in a second
+                self.next_checkpoint = now + 1.0
         if self.listings and time.monotonic() >= self.next_control and self._listing_may_go():
             await self._listing()
         due = self.dirty.due(time.monotonic())
