@@ -78,6 +78,9 @@ class MirrorIndex(SourceIndex):
         self._load_progress()
         self._cache: dict[tuple[str, str], FileRec] = {}
         self.gen: dict[tuple[str, str], int] = {}  # bumped on every change, for the scrubber
+        # files with blocks applied and no manifest yet: on disk they are legitimately between two
+        # versions (a batch cut by a failure is re-sent), so the scrubber leaves them alone
+        self.writing: set[tuple[str, str]] = set()
 
     # -- progress -------------------------------------------------------------------------------
     def progress(self, vol: str) -> VolumeProgress:

@@ -106,6 +106,8 @@ class Scrubber:
                 return
 
     def _start(self, vol: str, p: _Pass, e: Entry) -> int:
+        if (vol, e.path) in self.v.idx.writing:
+            return 0  # between two versions until its manifest arrives: checked on a later pass
         full = os.path.join(self.v.ap.vol_root(vol), e.path)
         try:
             st = os.lstat(full)

@@ -107,12 +107,14 @@ class Verifier:
             rec.hashes[i * HASH_LEN : need] = bytes.fromhex(ev["hash"])
             rec.size = ev["size"]
             idx.touch(vol, path)
+            idx.writing.add((vol, path))
         elif op == "truncate":
             self.block_size[vol] = ev["bs"]
             rec = idx.file(vol, path)
             rec.size = ev["size"]
             self._fit(vol, rec)
             idx.touch(vol, path)
+            idx.writing.add((vol, path))
         elif op == "manifest":
             self.block_size[vol] = ev.get("bs") or self.block_size.get(vol) or 131072
             rec = idx.file(vol, path)
@@ -120,6 +122,7 @@ class Verifier:
             self._fit(vol, rec)
             rec.root = file_root(bytes(rec.hashes), rec.size)
             idx.touch(vol, path)
+            idx.writing.discard((vol, path))
             if rec.root.hex() != ev["root"]:
                 self.found(vol, path, "content", "manifest root differs from the blocks applied (a change was lost)")
                 self.request_file(vol, path, bytes(rec.hashes))
@@ -127,6 +130,7 @@ class Verifier:
                 self.resolved(vol, path)
         elif op in ("delete", "rmtree"):
             idx.remove(vol, path)
+            _forget_writing(idx.writing, vol, path)
             self.resolved(vol, path, tree=True)
         elif op == "mkdir":
             idx.set_entry(vol, Entry(path, "d", mode=ev["mode"]))
@@ -136,6 +140,9 @@ class Verifier:
             self.resolved(vol, path)
         elif op == "rename":
             idx.move(vol, path, ev["dst"])
+            moved = _forget_writing(idx.writing, vol, path)
+            _forget_writing(idx.writing, vol, ev["dst"])
+            idx.writing.update((vol, ev["dst"] + p[len(path):]) for p in moved)
             self.resolved(vol, path, tree=True)
             self.resolved(vol, ev["dst"], tree=True)
 
@@ -359,6 +366,14 @@ class Verifier:
             self._local(Event("symlink", vol, 0, "", 0.0, {"path": e.path, "target": e.target}))
         else:
             self.request_file(vol, e.path, disk)
+
+
+def _forget_writing(writing: set[tuple[str, str]], vol: str, path: str) -> list[str]:
+    pre = path + "/"
+    gone = [k for k in writing if k[0] == vol and (k[1] == path or k[1].startswith(pre))]
+    for k in gone:
+        writing.discard(k)
+    return [k[1] for k in gone]
 
 
 def _under(path: str, tops: set[str]) -> bool:

@@ -68,6 +68,10 @@ class Batch:
         """The entry as this batch sees it (its own uncommitted changes included)."""
         return self._write(self._index().get, self.volume, path)
 
+    def has_children(self, path: str) -> bool:
+        """True if the index holds entries below ``path`` (as this batch sees it)."""
+        return bool(self._write(self._index().children, self.volume, path))
+
     def put(self, e: Entry) -> None:
         self._write(self._index().put, self.volume, e)
 

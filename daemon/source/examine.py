@@ -81,6 +81,10 @@ class Examiner:
         if st is None or st.kind == "o":
             if e is not None:
                 await self._remove(b, path, e)
+            elif b.has_children(path):
+                # a directory whose own mkdir was never published (its files were) is gone: its
+                # files must go too, or source index and mirror keep them forever
+                await self._remove(b, path, Entry(path, DIR))
             elif again:
                 await self.send(b, "delete", {"path": path})
             return

@@ -484,7 +484,11 @@ class VolumeWorker:
             return True
         idx = self._open_index()
         if idx.get(self.name, src) is None:
-            # unknown source (new file, or already moved with its parent directory)
+            # unknown source (new file, or already moved with its parent directory); if the index
+            # holds files below it (a directory whose mkdir was never published), examining src
+            # removes them
+            if idx.children(self.name, src):
+                self.mark(src, force=True, delay=0)
             self.mark(dst, force=False, delay=0)
             return True
         self.dirty.move(src, dst)
