@@ -1,6 +1,7 @@
 # volmirror — the two commands a newcomer needs:
 #   make run    local broker + source agent on ./demo/source + mirror agent on ./demo/mirror + live status
 #   make test   unit + integration tests against a real local Kafka broker (started once per run)
+#   (make test-faults: the long fault-injection suite, tests/faults)
 # Each target installs what it needs (Debian packages, Python venv and deps, Kafka jars from Maven).
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-deps
 
-.PHONY: run test test-unit deps venv kafka-fetch kafka-start kafka-stop bench clean
+.PHONY: run test test-faults test-unit deps venv kafka-fetch kafka-start kafka-stop bench clean
 
 deps:
 	@bash deploy/setup/debian-deps.sh test
@@ -33,7 +34,11 @@ run: venv
 	@DEMO_SECONDS='$(DEMO_SECONDS)' bash deploy/demo/run.sh
 
 test: deps venv kafka-fetch
-	@$(PY) -m pytest -q -ra --durations=10 tests
+	@$(PY) -m pytest -q -ra --durations=10 tests/unit tests/integration
+
+# Fault-injection suite (issue 7 item 9): ~15-20 min, root (tmpfs, chattr); report in build/fault-report.json.
+test-faults: deps venv kafka-fetch
+	@$(PY) -m pytest -q -ra --durations=0 tests/faults
 
 test-unit: venv
 	@$(PY) -m pytest -q tests/unit
