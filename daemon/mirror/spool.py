@@ -113,6 +113,11 @@ class ListingSpool:
     def has(self, vol: str, path: str) -> bool:
         return self.db.execute("SELECT 1 FROM rows WHERE volume=? AND path=?", (vol, path)).fetchone() is not None
 
+    def has_below(self, vol: str, path: str) -> bool:
+        """True if the listing has any row below ``path`` ('0' sorts right after '/')."""
+        return self.db.execute("SELECT 1 FROM rows WHERE volume=? AND path>=? AND path<? LIMIT 1",
+                               (vol, path + "/", path + "0")).fetchone() is not None
+
     def rows(self, vol: str) -> Iterator[Row]:
         """The rows of the volume's complete listing, in path order (bytewise UTF-8)."""
         cur = self.db.execute("SELECT path, kind, size, mode, mtime_ns, x FROM rows WHERE volume=? ORDER BY path", (vol,))

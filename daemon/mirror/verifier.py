@@ -296,7 +296,7 @@ class Verifier:
         """Paths in the index or on disk that the spooled listing lacks (topmost only)."""
         seen: set[str] = set()
         for path in self.idx.paths(vol):
-            if not self.spool.has(vol, path) and not _under(path, seen):
+            if not self.spool.has(vol, path) and not _under(path, seen) and not self.spool.has_below(vol, path):
                 seen.add(path)
         stack = [""]
         while stack:
@@ -310,9 +310,13 @@ class Verifier:
                     r = f"{rel}/{de.name}" if rel else de.name
                     if r in seen or _under(r, seen):
                         continue
-                    if not self.spool.has(vol, r):
+                    listed = self.spool.has(vol, r)
+                    is_dir = de.is_dir(follow_symlinks=False)
+                    if not listed and not (is_dir and self.spool.has_below(vol, r)):
                         seen.add(r)
-                    elif de.is_dir(follow_symlinks=False):
+                    elif is_dir:
+                        # listed, or a directory the source has not published itself yet while it
+                        # did publish files below it (an implicit parent): never delete it
                         stack.append(r)
         return iter(sorted(p for p in seen if not self.quarantined(vol, p)))
 

@@ -179,6 +179,20 @@ def test_complete_listing_deletes_only_what_the_source_lacks(env):
     assert metric(reg, "volmirror_mirror_deleted_files_total", volume=VOL, reason="listing") == 2
 
 
+def test_listing_without_a_directory_row_keeps_the_files_it_lists_below_it(env):
+    # cp -r: the source published files of copied/m00 before (or without) the directory itself
+    actor, sent, reg, vr = env
+    st = Stream()
+    files = {f"copied/m00/f{i}": b"%d" % i for i in range(30)}
+    recs = [st.announce()]
+    for p, d in files.items():
+        recs += st.file(p, d)
+    apply(actor, recs)
+    apply(actor, listing_recs(st, actor, [src_entry(p, d) for p, d in files.items()]))  # no row for copied/ or copied/m00
+    assert len(os.listdir(vr / "copied" / "m00")) == 30
+    assert metric(reg, "volmirror_mirror_deleted_files_total", volume=VOL, reason="listing") == 0
+
+
 def test_incomplete_forged_or_unrequested_listing_deletes_nothing(env):
     actor, sent, reg, vr = env
     st = Stream()
