@@ -254,7 +254,17 @@ class Applier:
         self._ensure_parent(vr, dst)
         try:
             dstat = os.lstat(dst)
-            if stat.S_ISDIR(dstat.st_mode) != stat.S_ISDIR(sst.st_mode) or stat.S_ISDIR(dstat.st_mode):
+            if stat.S_ISDIR(dstat.st_mode) and stat.S_ISDIR(sst.st_mode):
+                # A live rename onto a non-empty directory cannot happen at the source (ENOTEMPTY):
+                # this one comes from a source whose index is behind the stream (it crashed after
+                # sending, and its start-up scan matched a reused inode). Merge instead of deleting
+                # what the stream already put at dst; the source re-examines dst's entries next.
+                self._release(dst)
+                self._merge(full, dst)
+                self._touch_dir(full)
+                self._touch_dir(dst)
+                return 0
+            if stat.S_ISDIR(dstat.st_mode) != stat.S_ISDIR(sst.st_mode):
                 self._remove(dst)
             else:
                 self._release(dst)
@@ -270,6 +280,23 @@ class Applier:
         self._touch_dir(full)
         self._touch_dir(dst)
         return 0
+
+    def _merge(self, src: str, dst: str) -> None:
+        """Move every entry of directory ``src`` into directory ``dst`` (src's entry wins on a name
+        clash, directories merge recursively), then remove the empty ``src``."""
+        for name in os.listdir(src):
+            s, d = os.path.join(src, name), os.path.join(dst, name)
+            try:
+                dst_st = os.lstat(d)
+            except FileNotFoundError:
+                os.rename(s, d)
+                continue
+            if stat.S_ISDIR(dst_st.st_mode) and stat.S_ISDIR(os.lstat(s).st_mode):
+                self._merge(s, d)
+                continue
+            self._remove(d)
+            os.rename(s, d)
+        os.rmdir(src)
 
     def _op_heartbeat(self, vr: str, full: str, ev: Event) -> int:  # pragma: no cover - not routed here
         return 0

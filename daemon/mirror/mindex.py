@@ -214,10 +214,24 @@ class MirrorIndex(SourceIndex):
         self.touch(vol, path)
 
     def move(self, vol: str, src: str, dst: str) -> None:
+        """Move ``src`` (and its tree) to ``dst``. Directory onto directory merges, like the applier:
+        rows of ``dst`` that ``src`` has no counterpart for stay."""
         self._flush_cached(vol, src, tree=True)
-        self._drop_cached(vol, dst, tree=True)
-        self.begin()
-        self.rename(vol, src, dst)
+        old_src, old_dst = self.get(vol, src), self.lookup(vol, dst)
+        if old_src is not None and old_dst is not None and old_src.kind == old_dst.kind == "d":
+            self._flush_cached(vol, dst, tree=True)
+            self.begin()
+            lo, hi = src + "/", src + "0"
+            moving = [r[0] for r in self.db.execute("SELECT path FROM entries WHERE volume=? AND path>=? AND path<?", (vol, lo, hi))]
+            for p in moving:
+                self.delete(vol, dst + p[len(src):])
+            self.delete(vol, src)
+            self.db.execute("UPDATE entries SET path = ? || substr(path, ?) WHERE volume=? AND path>=? AND path<?",
+                            (dst, len(src) + 1, vol, lo, hi))
+        else:
+            self._drop_cached(vol, dst, tree=True)
+            self.begin()
+            self.rename(vol, src, dst)
         self.touch(vol, src)
         self.touch(vol, dst)
 

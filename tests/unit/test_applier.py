@@ -112,3 +112,15 @@ def test_file_removed_behind_an_open_descriptor_is_recreated(ap, tmp_path):
     ap.apply(blk("f", 0, b"again", 5))
     ap.sync()
     assert (tmp_path / "root/v/f").read_bytes() == b"again"
+
+
+def test_rename_onto_a_non_empty_directory_merges_never_deletes(ap, tmp_path):
+    # a source whose index is behind the stream (crash after send) renames onto a directory the
+    # stream already filled: nothing that was at dst may disappear
+    run(ap, [mk("mkdir", path="old", mode=0o755), blk("old/a", 0, b"A", 1), blk("old/same", 0, b"S1", 2),
+             mk("mkdir", path="new", mode=0o755), blk("new/b", 0, b"B", 1), blk("new/same", 0, b"S2", 2)])
+    run(ap, [mk("rename", path="old", dst="new")])
+    root = tmp_path / "root" / "v"
+    assert not (root / "old").exists()
+    assert sorted(os.listdir(root / "new")) == ["a", "b", "same"]
+    assert (root / "new" / "same").read_bytes() == b"S1"  # the renamed entry wins a name clash

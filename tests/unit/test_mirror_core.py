@@ -318,3 +318,15 @@ def test_pwrite_all_loops_on_short_writes(tmp_path, monkeypatch):
                                       (errno.EFBIG, R.QUARANTINE), (errno.EACCES, R.RETRY_THEN_QUARANTINE)])
 def test_classify(err, what):
     assert R.classify(err)[0] == what
+
+
+def test_rename_onto_a_filled_directory_merges_in_the_index_too(env):
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), st.rec("mkdir", path="old", mode=0o755), *st.file("old/a", b"A"), *st.file("old/same", b"S1"),
+                  st.rec("mkdir", path="new", mode=0o755), *st.file("new/b", b"B"), *st.file("new/same", b"S2")])
+    apply(actor, [st.rec("rename", path="old", dst="new")])
+    assert actor.idx.paths(VOL) == ["new", "new/a", "new/b", "new/same"]
+    assert sorted(os.listdir(vr / "new")) == ["a", "b", "same"]
+    actor.scrubber.full_pass(VOL)
+    assert actor.drift.count(VOL) == 0  # index and disk agree after the merge
