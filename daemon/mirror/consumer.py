@@ -39,9 +39,9 @@ from ..wire import Event, decode
 from . import repair as R
 from .applier import Applier, ApplyError
 from .drift import Drift
-from .mindex import MirrorIndex
+from ..store.mirror_index import MirrorIndex
 from .scrubber import Scrubber
-from .spool import ListingSpool
+from ..store.listing_spool import ListingSpool
 from .verifier import Verifier
 
 log = logging.getLogger("volmirror.mirror")

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..blocks import HASH_LEN, block_hash, file_root
-from ..index import Entry
-from .mindex import UNKNOWN
+from ..store.source_index import Entry
+from ..store.mirror_index import UNKNOWN
 
 if TYPE_CHECKING:
     from .verifier import Verifier

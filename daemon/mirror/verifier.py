@@ -10,7 +10,7 @@ the applier.
   computes the digest of its index and compares it with the source's. Equal → "identical as of T"
   (``volmirror_last_verified_timestamp_seconds``). Unequal → it asks the source for a listing.
 * **Listings** (:meth:`Verifier.listing`): the source's index at one point of the stream, received
-  in sequenced, verified parts (:mod:`daemon.mirror.spool`). Only a *complete, verified* listing
+  in sequenced, verified parts (:mod:`daemon.store.listing_spool`). Only a *complete, verified* listing
   that this mirror asked for is compared, path by path, with the mirror's index **and disk**
   (:mod:`daemon.mirror.repair` decides): files already on disk are hashed and adopted when they
   are the source's (an index that was lost or behind is rebuilt without transfers), only differing
@@ -33,16 +33,16 @@ from typing import Any, Callable, Iterator
 
 from ..blocks import HASH_LEN, block_count, file_root
 from ..digest import volume_digest
-from ..index import Entry
+from ..store.source_index import Entry
 from ..listing import Row
 from ..wire import Event
 from . import repair as R
 from ..errors import RejectedEvent
 from .applier import Applier, ApplyError
 from .drift import Drift
-from .mindex import UNKNOWN, MirrorIndex
+from ..store.mirror_index import UNKNOWN, MirrorIndex
 from .scrubber import disk_hashes, disk_kind
-from .spool import ListingError, ListingSpool
+from ..store.listing_spool import ListingError, ListingSpool
 
 log = logging.getLogger("volmirror.mirror.verify")
 

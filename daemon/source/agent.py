@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ..config import Config, ConfigError, VolumeConfig
-from ..index import SeqAllocator
+from ..store.source_index import SeqAllocator
 from ..errors import RejectedEvent, VolmirrorError
 from ..kafka import Consumer, Producer, ensure_topics
 from ..metrics import HttpServer, SourceMetrics

@@ -18,7 +18,7 @@ import asyncio
 from typing import Any
 
 from ..digest import listing_row
-from ..index import SourceIndex
+from ..store.source_index import SourceIndex
 from ..listing import Digest, parts
 from .batch import Batch
 from .examine import close_reader

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from ..errors import PublishError, StateError
-from ..index import Entry, SourceIndex
+from ..store.source_index import Entry, SourceIndex
 
 BATCH_PATHS = 256
 BATCH_BYTES = 64 * 1024 * 1024

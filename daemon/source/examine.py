@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 from ..blocks import HASH_LEN, file_root
 from ..config import VolumeConfig
 from ..errors import FileChangedError
-from ..index import DIR, FILE, SYMLINK, Entry
+from ..store.source_index import DIR, FILE, SYMLINK, Entry
 from .batch import Batch
 from .publisher import Publisher
 from .reader import ReadResult, Stat, lstat, read_file

@@ -12,7 +12,7 @@ import time
 from typing import Any, Protocol
 
 from .. import wire
-from ..index import SeqAllocator
+from ..store.source_index import SeqAllocator
 
 
 class RecordSink(Protocol):

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping
 
-from ..index import DIR, FILE, SYMLINK, Entry
+from ..store.source_index import DIR, FILE, SYMLINK, Entry
 from .coverage import NOT_UTF8, replicable_name
 from .reader import Stat
 

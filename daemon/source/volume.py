@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from ..config import VolumeConfig
 from ..errors import FileChangedError, PermanentError, PublishError, StateError, TransientError
-from ..index import SourceIndex, volume_index
+from ..store.source_index import SourceIndex, volume_index
 from ..metrics import SourceMetrics
 from .answers import checkpoint_fields, send_listing
 from .batch import Batch

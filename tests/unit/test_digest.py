@@ -3,7 +3,7 @@
 import pytest
 
 from daemon.digest import entry_key, listing_row, volume_digest
-from daemon.index import Entry
+from daemon.store.source_index import Entry
 
 ENTRIES = [
     Entry("b/file.txt", "f", 5, 1_700_000_000_123_456_789, 11, 0o644, None, b"", bytes(range(16))),

@@ -6,9 +6,9 @@ import pytest
 
 from daemon import wire
 from daemon.digest import volume_digest
-from daemon.index import Entry
+from daemon.store.source_index import Entry
 from daemon.listing import PART_BYTES, parts
-from daemon.mirror.spool import ListingError, ListingSpool
+from daemon.store.listing_spool import ListingError, ListingSpool
 
 
 def _rows(n):

@@ -14,7 +14,7 @@ from daemon import wire
 from daemon.blocks import block_hash, file_root
 from daemon.config import MirrorConfig
 from daemon.digest import listing_row
-from daemon.index import Entry
+from daemon.store.source_index import Entry
 from daemon.kafka import Record
 from daemon.listing import parts
 from daemon.metrics import MirrorMetrics

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from daemon.errors import FileChangedError
-from daemon.index import DIR, FILE, Entry
+from daemon.store.source_index import DIR, FILE, Entry
 from daemon.source import reader
 from daemon.source.reader import ReadResult, Stat, lstat, read_file
 from daemon.source.scanner import plan, walk

@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from daemon.errors import PublishError, StateError
-from daemon.index import Entry, SeqAllocator, SourceIndex
+from daemon.store.source_index import Entry, SeqAllocator, SourceIndex
 from daemon.source.batch import Batch
 
 

@@ -2,7 +2,7 @@
 
 import os
 
-from daemon.index import FILE, Entry
+from daemon.store.source_index import FILE, Entry
 from daemon.source.scanner import plan, walk
 
 

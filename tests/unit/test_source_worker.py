@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry
 
 from daemon import wire
 from daemon.config import VolumeConfig
-from daemon.index import SeqAllocator, SourceIndex, volume_index
+from daemon.store.source_index import SeqAllocator, SourceIndex, volume_index
 from daemon.metrics import SourceMetrics
-from daemon.mirror.spool import ListingSpool
+from daemon.store.listing_spool import ListingSpool
 from daemon.source.publisher import Publisher
 from daemon.source.volume import VolumeWorker
 
@@ -248,7 +248,7 @@ async def test_listing_waits_for_paths_in_doubt(env, tmp_path):
 async def test_large_listing_is_streamed_in_verified_parts(env, tmp_path):
     w = env.worker("v")
     idx = await until(lambda: w.index, what="index open")
-    from daemon.index import Entry
+    from daemon.store.source_index import Entry
 
     idx.begin()
     for i in range(20000):
@@ -286,7 +286,7 @@ async def test_names_that_are_not_utf8_are_never_sent_and_are_counted(env):
 async def test_legacy_shared_index_is_imported_once(tmp_path):
     state = tmp_path / "state"
     legacy = SourceIndex(state / "index.sqlite")
-    from daemon.index import Entry
+    from daemon.store.source_index import Entry
 
     legacy.begin()
     for vol in ("a", "b"):

@@ -1,6 +1,6 @@
 """The mirror's own index: what it has applied, per path, and the progress that goes with it.
 
-Same schema as the source's index (``daemon.index``), in ``state_dir/mirror.sqlite``, plus a
+Same schema as the source's index (``daemon.store.source_index``), in ``state_dir/mirror.sqlite``, plus a
 ``progress`` table (per volume: epoch, seq, last source timestamp, partition). Files being written
 are kept in a small write-back cache (a block event updates one hash in memory, not a SQLite blob);
 the cache and the progress are written in one transaction at each durability point, so the index
@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..blocks import HASH_LEN
 from ..errors import StateError
-from ..index import Entry, SourceIndex
+from .source_index import Entry, SourceIndex
 
 UNKNOWN = b"\0" * HASH_LEN
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
 
-from .errors import PermanentError, StateError
+from ..errors import PermanentError, StateError
 
 log = logging.getLogger("volmirror.index")
 
