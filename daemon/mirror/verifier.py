@@ -132,6 +132,7 @@ class Verifier:
             idx.remove(vol, path)
             _forget_writing(idx.writing, vol, path)
             self.resolved(vol, path, tree=True)
+            self._prune_implicit(vol, path)
         elif op == "mkdir":
             idx.set_entry(vol, Entry(path, "d", mode=ev["mode"]))
             self.resolved(vol, path)
@@ -143,8 +144,22 @@ class Verifier:
             moved = _forget_writing(idx.writing, vol, path)
             _forget_writing(idx.writing, vol, ev["dst"])
             idx.writing.update((vol, ev["dst"] + p[len(path):]) for p in moved)
+            self._prune_implicit(vol, path)
             self.resolved(vol, path, tree=True)
             self.resolved(vol, ev["dst"], tree=True)
+
+    def _prune_implicit(self, vol: str, path: str) -> None:
+        """Remove parents of ``path`` that the applier created implicitly (never in the index: the
+        source published files before their directory) once they are empty — they hold no data, and
+        the source never sends anything that would remove them."""
+        vr = self.ap.vol_root(vol)
+        parent = os.path.dirname(path)
+        while parent and self.idx.lookup(vol, parent) is None and not self.idx.paths_below(vol, parent):
+            try:
+                os.rmdir(os.path.join(vr, parent))
+            except OSError:
+                return  # not empty on disk, or gone: leave it
+            parent = os.path.dirname(parent)
 
     def _fit(self, vol: str, rec: Any) -> None:
         bs = self.block_size.get(vol) or 131072

@@ -245,6 +245,14 @@ class MirrorIndex(SourceIndex):
         self._flush_cached(vol, None, tree=True)
         return [r[0] for r in self.db.execute("SELECT path FROM entries WHERE volume=? ORDER BY path", (vol,))]
 
+    def paths_below(self, vol: str, path: str) -> bool:
+        """True if any entry (cached or stored) lies below ``path``."""
+        pre = path + "/"
+        if any(k[0] == vol and k[1].startswith(pre) for k in self._cache):
+            return True
+        return self.db.execute("SELECT 1 FROM entries WHERE volume=? AND path>=? AND path<? LIMIT 1",
+                               (vol, pre, path + "0")).fetchone() is not None
+
     def _matching(self, vol: str, path: str | None, tree: bool) -> list[tuple[str, str]]:
         if path is None:
             return [k for k in self._cache if k[0] == vol]

@@ -330,3 +330,15 @@ def test_rename_onto_a_filled_directory_merges_in_the_index_too(env):
     assert sorted(os.listdir(vr / "new")) == ["a", "b", "same"]
     actor.scrubber.full_pass(VOL)
     assert actor.drift.count(VOL) == 0  # index and disk agree after the merge
+
+
+def test_implicit_parent_removed_once_empty_but_published_directories_stay(env):
+    # a batch of files reached the mirror before their directory was published; the source then
+    # saw the directory renamed away and sent deletes for the files: nothing must stay behind
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), *st.file("wdir/a", b"1"), *st.file("wdir/b", b"2"),
+                  st.rec("mkdir", path="kept", mode=0o755), *st.file("kept/c", b"3")])
+    apply(actor, [st.rec("delete", path="wdir/a"), st.rec("delete", path="wdir/b"), st.rec("delete", path="kept/c")])
+    assert not (vr / "wdir").exists()
+    assert (vr / "kept").is_dir()  # a directory the source published stays, empty or not
