@@ -58,6 +58,8 @@ class Applier:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._dirs: set[str] = set()
         self._made_roots: set[str] = set()
+        self.merged = False  # the last rename merged into an existing directory
+        self.noop = False  # the last rename found no source and an existing destination
 
     # -- public ---------------------------------------------------------------------------------
     def vol_root(self, vol: str) -> str:
@@ -241,12 +243,15 @@ class Applier:
         return 0
 
     def _op_rename(self, vr: str, full: str, ev: Event) -> int:
+        self.merged = False  # read by the index upkeep: a merge keeps dst's other entries
+        self.noop = False  # nothing to move: the index must not drop what dst holds
         dst = resolve(vr, ev["dst"])
         try:
             sst = os.lstat(full)
         except FileNotFoundError:
             if os.path.lexists(dst):
-                return 0  # already renamed (replay after a crash)
+                self.noop = True  # already renamed (replay after a crash), or never had src
+                return 0
             raise RejectedEvent("conflict", f"rename {ev.path} -> {ev['dst']}: source missing on the mirror") from None
         if dst == full or dst.startswith(full + "/"):
             raise RejectedEvent("conflict", f"rename {ev.path} -> {ev['dst']}: destination inside source")
@@ -261,6 +266,7 @@ class Applier:
                 # what the stream already put at dst; the source re-examines dst's entries next.
                 self._release(dst)
                 self._merge(full, dst)
+                self.merged = True
                 self._touch_dir(full)
                 self._touch_dir(dst)
                 return 0

@@ -140,7 +140,8 @@ class Verifier:
             idx.set_entry(vol, Entry(path, "l", target=ev["target"]))
             self.resolved(vol, path)
         elif op == "rename":
-            idx.move(vol, path, ev["dst"])
+            if not self.ap.noop:
+                idx.move(vol, path, ev["dst"], merge=self.ap.merged)
             moved = _forget_writing(idx.writing, vol, path)
             _forget_writing(idx.writing, vol, ev["dst"])
             idx.writing.update((vol, ev["dst"] + p[len(path):]) for p in moved)

@@ -213,12 +213,11 @@ class MirrorIndex(SourceIndex):
         self.delete_tree(vol, path)
         self.touch(vol, path)
 
-    def move(self, vol: str, src: str, dst: str) -> None:
-        """Move ``src`` (and its tree) to ``dst``. Directory onto directory merges, like the applier:
-        rows of ``dst`` that ``src`` has no counterpart for stay."""
+    def move(self, vol: str, src: str, dst: str, *, merge: bool = False) -> None:
+        """Move ``src`` (and its tree) to ``dst``. With ``merge`` (the applier merged a directory
+        into an existing one) rows of ``dst`` that ``src`` has no counterpart for stay."""
         self._flush_cached(vol, src, tree=True)
-        old_src, old_dst = self.get(vol, src), self.lookup(vol, dst)
-        if old_src is not None and old_dst is not None and old_src.kind == old_dst.kind == "d":
+        if merge:
             self._flush_cached(vol, dst, tree=True)
             self.begin()
             lo, hi = src + "/", src + "0"

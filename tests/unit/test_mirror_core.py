@@ -342,3 +342,25 @@ def test_implicit_parent_removed_once_empty_but_published_directories_stay(env):
     apply(actor, [st.rec("delete", path="wdir/a"), st.rec("delete", path="wdir/b"), st.rec("delete", path="kept/c")])
     assert not (vr / "wdir").exists()
     assert (vr / "kept").is_dir()  # a directory the source published stays, empty or not
+
+
+def test_rename_of_an_unindexed_directory_onto_a_filled_one_keeps_the_index_in_step(env):
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), *st.file("implicit/x", b"X"), st.rec("mkdir", path="new", mode=0o755), *st.file("new/b", b"B")])
+    actor.idx.begin()
+    actor.idx.delete(VOL, "implicit/x")  # the index knows nothing of implicit/ (disk still has it)
+    actor.idx.commit()
+    apply(actor, [st.rec("rename", path="implicit", dst="new")])
+    assert sorted(os.listdir(vr / "new")) == ["b", "x"]
+    assert "new/b" in actor.idx.paths(VOL)  # dst's own entries are not dropped by the merge
+
+
+def test_rename_whose_source_the_mirror_never_had_keeps_the_destination_indexed(env):
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), st.rec("mkdir", path="d", mode=0o755), *st.file("d/a", b"A")])
+    apply(actor, [st.rec("rename", path="never-here", dst="d")])
+    assert (vr / "d" / "a").exists() and "d/a" in actor.idx.paths(VOL)
+    actor.scrubber.full_pass(VOL)
+    assert actor.drift.count(VOL) == 0
