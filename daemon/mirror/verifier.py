@@ -140,7 +140,10 @@ class Verifier:
             idx.set_entry(vol, Entry(path, "l", target=ev["target"]))
             self.resolved(vol, path)
         elif op == "rename":
-            if not self.ap.noop:
+            # src gone from disk and dst there: a replay of a rename already done on disk (crash
+            # between the rename and its index write: move the rows), or a rename whose source
+            # this mirror never had (nothing to move: dst's rows stay)
+            if not self.ap.noop or idx.lookup(vol, path) is not None or idx.paths_below(vol, path):
                 idx.move(vol, path, ev["dst"], merge=self.ap.merged)
             moved = _forget_writing(idx.writing, vol, path)
             _forget_writing(idx.writing, vol, ev["dst"])

@@ -364,3 +364,15 @@ def test_rename_whose_source_the_mirror_never_had_keeps_the_destination_indexed(
     assert (vr / "d" / "a").exists() and "d/a" in actor.idx.paths(VOL)
     actor.scrubber.full_pass(VOL)
     assert actor.drift.count(VOL) == 0
+
+
+def test_rename_replayed_after_a_crash_moves_the_index_rows(env):
+    # SIGKILL between the rename on disk and its index write: the replay finds src gone, dst there
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), *st.file("a.txt", b"A")])
+    os.rename(vr / "a.txt", vr / "b.txt")  # what the killed run had already done on disk
+    apply(actor, [st.rec("rename", path="a.txt", dst="b.txt")])
+    assert actor.idx.paths(VOL) == ["b.txt"]
+    actor.scrubber.full_pass(VOL)
+    assert actor.drift.count(VOL) == 0
