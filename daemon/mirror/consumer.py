@@ -260,6 +260,9 @@ class ApplyActor:
             log.warning("TEST SEAM: dropping %s %s", ev.op, ev.path, extra={"volume": vol, "path": ev.path})
             prog.epoch, prog.seq = ev.epoch, ev.seq
             return
+        if ev.op != "block" and log.isEnabledFor(logging.DEBUG):
+            log.debug("apply %s %s%s seq %d", ev.op, ev.path, f" -> {ev['dst']}" if ev.op == "rename" else "", ev.seq,
+                      extra={"volume": vol, "event": "apply"})
         if ev.op == "rename":
             # durability barrier: everything before the rename is made durable and recorded, then
             # the rename itself, so a replay never re-runs a rename after later ops

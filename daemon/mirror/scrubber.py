@@ -15,7 +15,7 @@ import stat
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from ..blocks import HASH_LEN, block_hash, file_root
 from ..store.source_index import Entry
@@ -50,6 +50,14 @@ def disk_hashes(path: str, block_size: int) -> bytes | None:
     finally:
         os.close(fd)
     return bytes(out)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    i = path.rfind("/")
+    while i > 0:
+        path = path[:i]
+        yield path
+        i = path.rfind("/")
 
 
 @dataclass
@@ -189,6 +197,9 @@ class Scrubber:
         # extra files: on disk but not in the index
         vr = self.v.ap.vol_root(vol)
         known = set(self.v.idx.paths(vol))
+        # directories the applier made for files that arrived before their own mkdir (which is on
+        # its way, or the checkpoint digest, which covers directories, shows it missing): not extra
+        holders = {a for p in known for a in _ancestors(p)}
         stack = [""]
         while stack:
             rel = stack.pop()
@@ -199,7 +210,9 @@ class Scrubber:
             with it:
                 for de in it:
                     r = f"{rel}/{de.name}" if rel else de.name
-                    if r not in known:
+                    if r not in known and r in holders and de.is_dir(follow_symlinks=False):
+                        stack.append(r)
+                    elif r not in known:
                         self.v.scrubbed(vol, Entry(r, "?"), "extra: on the mirror's disk but not in the mirror's index", None)
                     elif de.is_dir(follow_symlinks=False):
                         stack.append(r)

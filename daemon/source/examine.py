@@ -88,7 +88,7 @@ class Examiner:
             elif again:
                 await self.send(b, "delete", {"path": path})
             return
-        await self._parents(b, path)
+        await self.parents(b, path)
         if again and st.kind in (DIR, SYMLINK) and e is not None and e.kind == st.kind:
             e = None  # resend the directory / link as it is now
         if e is not None and e.kind != st.kind:
@@ -109,10 +109,12 @@ class Examiner:
             await self.send(b, "delete", {"path": path})
             b.delete(path)
 
-    async def _parents(self, b: Batch, path: str) -> None:
+    async def parents(self, b: Batch, path: str) -> bool:
         """Publish parent directories the index does not know yet, outermost first, before anything
         below them: otherwise the mirror creates them implicitly, and if the source then loses them
-        (renamed or removed before their own turn) nothing would ever remove them at the mirror."""
+        (renamed or removed before their own turn) nothing would ever remove them at the mirror.
+
+        False if a missing parent is no longer a directory on disk (its own examination decides)."""
         missing: list[str] = []
         parent = os.path.dirname(path)
         while parent and b.get(parent) is None:
@@ -121,10 +123,12 @@ class Examiner:
         for d in reversed(missing):
             st = lstat(self._abs(d))
             if st is None or st.kind != DIR or self.vol.is_excluded(d):
-                return  # gone or changed meanwhile: its own examination decides
+                return False  # gone or changed meanwhile: its own examination decides
+            b.paths.append(d)  # in doubt with the batch if it fails
             await self.send(b, "mkdir", {"path": d, "mode": st.mode})
             b.put(Entry(d, DIR, 0, st.mtime_ns, st.ino, st.mode))
             self.mark_children(d)  # what _dir does for a new directory: nothing inside is missed
+        return True
 
     async def _dir(self, b: Batch, path: str, st: Stat, e: Entry | None) -> None:
         if e is None or e.mode != st.mode or e.ino != st.ino:

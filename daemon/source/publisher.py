@@ -8,11 +8,14 @@ idempotent producer).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Protocol
 
 from .. import wire
 from ..store.source_index import SeqAllocator
+
+log = logging.getLogger("volmirror.source.publish")
 
 
 class RecordSink(Protocol):
@@ -29,4 +32,7 @@ class Publisher:
         """Send one event; ``seq=False`` (heartbeats, announcements) reuses the last number."""
         n = self.seqs.take(vol) if seq else self.seqs.last(vol)
         ev = wire.Event(op=op, vol=vol, seq=n, epoch=self.seqs.epoch, ts=time.time(), fields=fields, payload=payload)
+        if op not in ("block", "heartbeat") and log.isEnabledFor(logging.DEBUG):
+            log.debug("send %s %s%s seq %d", op, fields.get("path", ""), f" -> {fields['dst']}" if "dst" in fields else "", n,
+                      extra={"volume": vol, "event": "send"})
         return await self.sink.send(self.topic, wire.key_for(vol), wire.encode(ev))

@@ -491,10 +491,18 @@ class VolumeWorker:
                 self.mark(src, force=True, delay=0)
             self.mark(dst, force=False, delay=0)
             return True
-        self.dirty.move(src, dst)
         b: Batch | None = None
         try:
             b = Batch(idx, self.name)
+            # the destination's parents first (a file moved into a directory made while Kafka was
+            # away): never leave the mirror to create them implicitly
+            if not await self.examiner.parents(b, dst):
+                # dst's parent is gone again (moved or removed since): examine both paths instead
+                await self._settle(b)
+                self.mark(src, force=True, delay=0)
+                self.mark(dst, force=True, delay=0)
+                return True
+            self.dirty.move(src, dst)
             b.sent("rename", await self.pub.send(self.name, "rename", {"path": src, "dst": dst}))
             b.rename(src, dst)
             b.paths += [src, dst]
@@ -516,11 +524,10 @@ class VolumeWorker:
                 self.m.kafka_connected.set(0)
                 self.m.errors.labels(self.name, "publish").inc()
                 log.error("publishing rename failed (%s); re-examining both paths", err, extra={"volume": self.name, "path": src})
-            self.doubt.add(src)
-            self.doubt.add(dst)
+            for p in dict.fromkeys([*(b.paths if b is not None else []), src, dst]):  # parents it published too
+                self.doubt.add(p)
+                self.mark(p, force=True, delay=delay)
             self.m.in_doubt.labels(self.name).set(len(self.doubt))
-            self.mark(src, force=True, delay=delay)
-            self.mark(dst, force=True, delay=delay)
             return False
         self.mark(dst, force=False, delay=0)
         self.mark(src, force=False, delay=0)  # if something new appeared at src meanwhile

@@ -135,6 +135,22 @@ def test_scrubber_never_deletes_what_the_index_lacks(env):
     assert any(r["type"] == "listing" for r in sent)  # it asks the source instead
 
 
+def test_scrubber_does_not_report_a_directory_made_for_files_that_came_before_it(env):
+    # a file renamed into a directory whose mkdir is still on its way: the applier makes the
+    # directory; it is not "extra" (no listing request), but an empty unknown directory is
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), *st.file("a.txt", b"aaa"), st.rec("rename", path="a.txt", dst="later/x/a.txt")])
+    assert (vr / "later" / "x" / "a.txt").exists()
+    (vr / "empty").mkdir()
+    actor.scrubber.full_pass(VOL)
+    assert actor.drift.kind(VOL, "later") is None and actor.drift.kind(VOL, "later/x") is None
+    assert actor.drift.kind(VOL, "empty") == "extra"
+    apply(actor, [st.rec("mkdir", path="later", mode=0o755), st.rec("mkdir", path="later/x", mode=0o700)])
+    actor.scrubber.full_pass(VOL)
+    assert actor.drift.kind(VOL, "later") is None and oct(os.stat(vr / "later" / "x").st_mode & 0o777) == "0o700"
+
+
 def test_wiped_index_is_rebuilt_from_disk_without_transfers_or_deletions(env, tmp_path):
     actor, sent, reg, vr = env
     st = Stream()

@@ -306,3 +306,42 @@ async def test_legacy_shared_index_is_imported_once(tmp_path):
     ib = volume_index(state, "b")
     assert [e.path for e in ib.iter_volume("b")] == ["b0", "b1", "b2"]
     ib.close()
+
+
+async def test_rename_into_a_directory_not_yet_published_publishes_the_directory_first(env):
+    """A file moved into a directory made while Kafka was away: the mirror must get the mkdir
+    before the rename, or it creates the directory implicitly (and reports it as drift)."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    (w.vol.path / "f").write_bytes(b"data")
+    w.mark("f", force=False)
+    await until(lambda: "f" in committed(env.state, "v"), what="f committed")
+    (w.vol.path / "newdir").mkdir(mode=0o750)
+    os.rename(w.vol.path / "f", w.vol.path / "newdir" / "f")
+    w.notify("moved", "f", "newdir/f", False)  # before the directory's own event is examined
+    await until(lambda: env.sink.ops("v", "rename"), what="rename sent")
+    ops = [(e.op, e.path) for e in env.sink.ops("v") if e.op in ("mkdir", "rename")]
+    assert ops.index(("mkdir", "newdir")) < ops.index(("rename", "f"))
+    assert env.sink.ops("v", "mkdir", "newdir")[0]["mode"] == 0o750
+    await until(lambda: committed(env.state, "v").get("newdir") == "d", what="newdir committed")
+
+
+async def test_rename_into_a_directory_that_is_gone_again_is_examined_instead(env):
+    """f moved into d1, then d1 renamed to d2, all while Kafka was away: no rename may name d1
+    (the mirror would create a directory the source never reports again)."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    (w.vol.path / "f").write_bytes(b"data")
+    w.mark("f", force=False)
+    await until(lambda: "f" in committed(env.state, "v"), what="f committed")
+    (w.vol.path / "d1").mkdir()
+    os.rename(w.vol.path / "f", w.vol.path / "d1" / "f")
+    os.rename(w.vol.path / "d1", w.vol.path / "d2")
+    w.notify("moved", "f", "d1/f", False)
+    w.notify("moved", "d1", "d2", True)
+    await until(lambda: committed(env.state, "v").get("d2/f") == "f", what="d2/f committed")
+    assert not [e for e in env.sink.events if "d1" in (e.path or "") or "d1" in str(e.fields.get("dst", ""))]
+    assert env.sink.ops("v", "delete", "f")  # the source no longer has f: the stream says so
+    ops = [(e.op, e.path) for e in env.sink.ops("v") if e.op in ("mkdir", "manifest")]
+    assert ops.index(("mkdir", "d2")) < ops.index(("manifest", "d2/f"))
+    assert "f" not in committed(env.state, "v")
