@@ -80,6 +80,16 @@ class InDoubt:
     def blocks(self, path: str) -> set[int]:
         return self._paths.get(path, set())
 
+    def move(self, src: str, dst: str) -> list[str]:
+        """Doubt at or below ``src`` follows a rename to ``dst`` (the mirror renames what it holds
+        too); returns the new paths in doubt."""
+        moved = []
+        for p in [p for p in self._paths if p == src or p.startswith(src + "/")]:
+            q = dst + p[len(src) :]
+            self._paths.setdefault(q, set()).update(self._paths.pop(p))
+            moved.append(q)
+        return moved
+
     def settle(self, paths: Iterable[str]) -> None:
         """These paths were published again and the index committed: no longer in doubt."""
         for p in paths:

@@ -503,6 +503,8 @@ class VolumeWorker:
                 self.mark(dst, force=True, delay=0)
                 return True
             self.dirty.move(src, dst)
+            for p in self.doubt.move(src, dst):
+                self.mark(p, force=True, delay=0)  # still in doubt under its new name: examined again
             b.sent("rename", await self.pub.send(self.name, "rename", {"path": src, "dst": dst}))
             b.rename(src, dst)
             b.paths += [src, dst]

@@ -345,3 +345,31 @@ async def test_rename_into_a_directory_that_is_gone_again_is_examined_instead(en
     ops = [(e.op, e.path) for e in env.sink.ops("v") if e.op in ("mkdir", "manifest")]
     assert ops.index(("mkdir", "d2")) < ops.index(("manifest", "d2/f"))
     assert "f" not in committed(env.state, "v")
+
+
+async def test_doubt_follows_a_rename(env):
+    """f's batch failed after sending (its blocks may be at the mirror), f went back to what the
+    index holds and was renamed to g: the mirror renames what it holds, so g is still in doubt and
+    its blocks are sent again."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    p = w.vol.path / "f"
+    a_data = os.urandom(3 * 16384)
+    p.write_bytes(a_data)
+    os.utime(p, ns=(1, 1_000_000_000))
+    w.mark("f", force=False)
+    await until(lambda: "f" in committed(env.state, "v"), what="A committed")
+    env.sink.fail.add("v")
+    p.write_bytes(a_data[:16384] + os.urandom(16384) + a_data[32768:])
+    w.mark("f", force=False)
+    await until(lambda: "f" in w.doubt, what="batch failed, f in doubt")
+    p.write_bytes(a_data)
+    os.utime(p, ns=(1, 1_000_000_000))
+    env.sink.fail.clear()
+    w.dirty.pop("f")  # the retry has not run yet: the rename comes first
+    os.rename(p, w.vol.path / "g")
+    w.notify("moved", "f", "g", False)
+    await until(lambda: env.sink.ops("v", "rename", "f") and not w.doubt and not w.dirty, timeout=15, what="renamed, doubt cleared")
+    assert "g" in committed(env.state, "v") and "f" not in committed(env.state, "v")
+    resent = env.sink.ops("v", "block", "g")
+    assert resent and resent[-1]["off"] == 16384 and env.sink.ops("v", "manifest", "g")
