@@ -124,3 +124,62 @@ def test_rename_onto_a_non_empty_directory_merges_never_deletes(ap, tmp_path):
     assert not (root / "old").exists()
     assert sorted(os.listdir(root / "new")) == ["a", "b", "same"]
     assert (root / "new" / "same").read_bytes() == b"S1"  # the renamed entry wins a name clash
+
+
+def _files(n):
+    evs = []
+    for i in range(n):
+        data = b"%d" % i
+        evs += [mk("truncate", path=f"d/f{i}", size=len(data), bs=BS), blk(f"d/f{i}", 0, data, len(data))]
+    return evs
+
+
+def test_sync_is_one_syncfs_per_file_system_not_one_fsync_per_file(tmp_path, monkeypatch):
+    import daemon.mirror.applier as A
+
+    calls, fsyncs = [], []
+    monkeypatch.setattr(A, "_SYNCFS", lambda fd: calls.append(os.fstat(fd).st_dev) or 0)
+    monkeypatch.setattr(A.os, "fsync", lambda fd: fsyncs.append(fd))
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        run(a, _files(A.MAX_OPEN * 3))  # descriptors evicted on the way: no fsync for them either
+        a.apply(mk("mkdir", path="other", mode=0o755))
+        a.sync()
+    finally:
+        a.close()
+    assert len(calls) == 2 and not fsyncs  # one per sync(), not per file
+    assert len(os.listdir(tmp_path / "root" / "v" / "d")) == A.MAX_OPEN * 3
+
+
+def test_a_failing_syncfs_is_an_apply_error(tmp_path, monkeypatch):
+    import ctypes
+
+    import daemon.mirror.applier as A
+
+    def failing(fd):
+        ctypes.set_errno(5)
+        return -1
+
+    monkeypatch.setattr(A, "_SYNCFS", failing)
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        for e in _files(3):
+            a.apply(e)
+        with pytest.raises(A.ApplyError, match="syncfs") as ei:
+            a.sync()
+        assert ei.value.errno == 5
+    finally:
+        a.close()
+
+
+def test_without_syncfs_every_file_is_fsynced(tmp_path, monkeypatch):
+    import daemon.mirror.applier as A
+
+    real, fsyncs = os.fsync, []
+    monkeypatch.setattr(A.os, "fsync", lambda fd: fsyncs.append(fd) or real(fd))
+    a = Applier(tmp_path / "root", syncfs=False)
+    try:
+        run(a, _files(10))
+    finally:
+        a.close()
+    assert len(fsyncs) >= 10
