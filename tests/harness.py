@@ -101,6 +101,7 @@ class Agent:
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
         self.seams: list[str] = []  # e.g. ["--drop", "delete:x"]: run through tests/seams.py (mirror only)
+        self.log_level = "debug"  # benchmarks run at the production default, info
 
     def start(self, wait_ready: bool = True) -> "Agent":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
@@ -108,7 +109,7 @@ class Agent:
         logf = open(self.log_path, "ab")
         entry = ["-m", "tests.seams", *self.seams, "--"] if self.seams else ["-m", "daemon"]
         self.proc = subprocess.Popen(
-            [sys.executable, *entry, self.kind, "--config", str(self.config), "--log-format", "json", "--log-level", "debug"],
+            [sys.executable, *entry, self.kind, "--config", str(self.config), "--log-format", "json", "--log-level", self.log_level],
             cwd=REPO, env=env, stdout=logf, stderr=logf, start_new_session=True,
         )
         logf.close()
