@@ -26,7 +26,7 @@ log = logging.getLogger("volmirror.metrics")
 # *_created series double every counter on the wire and nobody graphs them.
 disable_created_metrics()
 
-OPS = ("block", "zero", "truncate", "manifest", "delete", "mkdir", "rmtree", "rename", "symlink", "heartbeat")
+OPS = ("block", "zero", "truncate", "manifest", "file", "delete", "mkdir", "rmtree", "rename", "symlink", "heartbeat")
 
 
 class CommonMetrics:

@@ -465,7 +465,7 @@ class MirrorAgent:
                 "lag_seconds": cov["lag_seconds"],
                 "lag_records": _gauge(self.m.lag_records, vol),
                 "applied_bytes": _gauge(self.m.applied_bytes, vol),
-                "files_applied": _gauge(self.m.applied_events, vol, "manifest"),
+                "files_applied": (_gauge(self.m.applied_events, vol, "manifest") or 0) + (_gauge(self.m.applied_events, vol, "file") or 0),
                 "last_verified": cov["last_verified"],
                 "drift_files": cov["drift_files"],
                 "quarantined": cov["quarantined"],

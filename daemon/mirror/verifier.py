@@ -128,6 +128,15 @@ class Verifier:
                 self.request_file(vol, path, bytes(rec.hashes))
             else:
                 self.resolved(vol, path)
+        elif op == "file":
+            self.block_size[vol] = ev["bs"]
+            rec = idx.file(vol, path)
+            rec.size, rec.mode, rec.mtime_ns = ev["size"], ev["mode"], ev["mtime_ns"]
+            rec.hashes[:] = bytes.fromhex(ev["hash"]) if ev["size"] else b""
+            rec.root = file_root(bytes(rec.hashes), rec.size)  # == ev["root"]: wire.decode checked it
+            idx.touch(vol, path)
+            idx.writing.discard((vol, path))
+            self.resolved(vol, path)
         elif op in ("delete", "rmtree"):
             idx.remove(vol, path)
             _forget_writing(idx.writing, vol, path)

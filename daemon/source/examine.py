@@ -19,13 +19,13 @@ import logging
 import os
 from typing import Any, Callable, Iterator
 
-from ..blocks import HASH_LEN, file_root
+from ..blocks import HASH_LEN, block_hash, file_root
 from ..config import VolumeConfig
 from ..errors import FileChangedError
 from ..store.source_index import DIR, FILE, SYMLINK, Entry
 from .batch import Batch
 from .publisher import Publisher
-from .reader import ReadResult, Stat, lstat, read_file
+from .reader import ReadResult, Stat, lstat, read_file, read_small
 
 log = logging.getLogger("volmirror.source")
 
@@ -146,11 +146,38 @@ class Examiner:
             await self.send(b, "symlink", {"path": path, "target": target})
             b.put(Entry(path, SYMLINK, 0, st.mtime_ns, st.ino, 0, target))
 
+    async def _small(self, b: Batch, path: str, st: Stat, e: Entry | None, *, resend: bool) -> None:
+        """A file of at most one block: one read, and one ``file`` record with its content (or a
+        manifest if only its metadata changed)."""
+        data = await asyncio.to_thread(read_small, self._abs(path), st)
+        h = block_hash(data)
+        hashes = h if st.size else b""
+        root = file_root(hashes, st.size)
+        b.files_done += 1
+        b.bytes_read += len(data)
+        if e is not None and not resend and e.size == st.size and e.hashes == hashes:
+            if (e.mode, e.mtime_ns, e.ino) == (st.mode, st.mtime_ns, st.ino):
+                return
+            b.blocks["unchanged"] += 1 if st.size else 0
+            await self.send(b, "manifest", {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(),
+                                            "bs": self.vol.block_size})
+        else:
+            await self.send(b, "file", {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(),
+                                        "hash": h.hex(), "bs": self.vol.block_size}, data)
+            if st.size:
+                b.sent_block(path, 0)
+                b.blocks["changed"] += 1
+                b.payload_bytes += st.size
+        b.put(Entry(path, FILE, st.size, st.mtime_ns, st.ino, st.mode, None, hashes, root))
+
     async def _file(self, b: Batch, path: str, st: Stat, e: Entry | None, *, force: bool, resync: bool,
                     mirror_hashes: bytes | None, doubt: set[int] | None) -> None:
         if not force and e is not None and (e.size, e.mtime_ns, e.ino, e.mode) == (st.size, st.mtime_ns, st.ino, st.mode):
             return
         bs = self.vol.block_size
+        if st.size <= bs and not resync:
+            await self._small(b, path, st, e, resend=doubt is not None)
+            return
         known = e.hashes if e is not None else None
         if resync:
             # answer a mirror: diff against what *it* has, and always end with a manifest

@@ -38,9 +38,9 @@ def test_01_source_sigkill_x5(fault_case):
     rng = random.Random(1)
     for i in range(5):
         time.sleep(rng.uniform(3, 6))
-        pub = c.source.metric("volmirror_source_published_events_total", volume="vol1", op="manifest")
+        pub = sum(c.source.metric("volmirror_source_published_events_total", volume="vol1", op=op) for op in ("manifest", "file"))
         c.source.kill()
-        log(f"source SIGKILLed ({i + 1}/5) after {pub:.0f} manifests in this run")
+        log(f"source SIGKILLed ({i + 1}/5) after {pub:.0f} files (manifest or file records) in this run")
         time.sleep(1.0)
         c.source.start()
     c.fault_end()
@@ -53,7 +53,7 @@ def test_02_mirror_sigkill_x5_mid_apply(fault_case):
     c.fault_begin("mirror SIGKILL x5: 2 during the initial sync, 3 under the workload")
 
     def applied() -> float:
-        return c.mirror.metric("volmirror_mirror_applied_events_total", volume="vol1", op="manifest")
+        return sum(c.mirror.metric("volmirror_mirror_applied_events_total", volume="vol1", op=op) for op in ("manifest", "file"))
 
     kills = 0
     for target in (300, 300):  # manifests applied by this incarnation before the kill

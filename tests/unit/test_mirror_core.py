@@ -124,6 +124,36 @@ def test_directory_published_after_its_first_files_keeps_them(env):
     assert len(actor.idx.paths(VOL)) == 21  # the index still knows every file below it
 
 
+def test_small_file_in_one_record_is_applied_indexed_and_verifies(env):
+    actor, sent, reg, vr = env
+    st = Stream()
+    data = b"a small case file"
+    h = block_hash(data)
+    recs = [st.announce(), st.rec("mkdir", path="d", mode=0o755),
+            st.rec("file", path="d/s.txt", size=len(data), mode=0o640, mtime_ns=1_600_000_000_000_000_000,
+                   root=file_root(h, len(data)).hex(), hash=h.hex(), bs=BS, payload=data),
+            st.rec("file", path="d/empty", size=0, mode=0o600, mtime_ns=5, root=file_root(b"", 0).hex(), hash=block_hash(b"").hex(), bs=BS)]
+    apply(actor, recs)
+    assert (vr / "d" / "s.txt").read_bytes() == data and (vr / "d" / "empty").read_bytes() == b""
+    assert oct(os.stat(vr / "d" / "s.txt").st_mode & 0o777) == "0o640"
+    assert os.stat(vr / "d" / "s.txt").st_mtime_ns == 1_600_000_000_000_000_000
+    e = actor.idx.lookup(VOL, "d/s.txt")
+    assert (e.size, bytes(e.hashes), bytes(e.root)) == (len(data), h, file_root(h, len(data)))
+    # the same file as the source indexes it: the checkpoint digest matches, the scrubber is silent
+    src = [Entry("d", "d", mode=0o755), src_entry("d/s.txt", data, mode=0o640), Entry("d/empty", "f", 0, 5, 0, 0o600, None, b"", file_root(b"", 0))]
+    from daemon.digest import volume_digest
+    root, files, nbytes = volume_digest(src)
+    apply(actor, [st.rec("checkpoint", id=1, files=files, bytes=nbytes, root=root.hex())])
+    assert metric(reg, "volmirror_checkpoints_total", volume=VOL, result="match") == 1
+    actor.scrubber.full_pass(VOL)
+    assert actor.drift.count(VOL) == 0
+    # an overwrite with a shorter content truncates
+    d2 = b"short"
+    h2 = block_hash(d2)
+    apply(actor, [st.rec("file", path="d/s.txt", size=5, mode=0o640, mtime_ns=7, root=file_root(h2, 5).hex(), hash=h2.hex(), bs=BS, payload=d2)])
+    assert (vr / "d" / "s.txt").read_bytes() == d2
+
+
 def test_scrubber_never_deletes_what_the_index_lacks(env):
     actor, sent, reg, vr = env
     st = Stream()

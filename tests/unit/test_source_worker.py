@@ -51,6 +51,10 @@ class Sink:
             fut.set_result(None) if ok else fut.set_exception(ConnectionError("no ack"))
         self.held = [h for h in self.held if h[0] != vol]
 
+    def files(self, vol: str, path: str | None = None) -> list[wire.Event]:
+        """Events that publish a whole file: a manifest, or a small file's single ``file`` record."""
+        return self.ops(vol, "manifest", path) + self.ops(vol, "file", path)
+
     def ops(self, vol: str, op: str | None = None, path: str | None = None) -> list[wire.Event]:
         return [e for e in self.events if e.vol == vol and (op is None or e.op == op) and (path is None or e.path == path)]
 
@@ -176,7 +180,7 @@ async def test_state_failure_is_reported_rolled_back_and_retried(env):
     await until(lambda: len(committed(env.state, "v")) == 20, timeout=15, what="recovered and committed")
     await until(lambda: env.metric("volmirror_source_state_ok", volume="v") == 1, what="state_ok back to 1")
     assert w.status()["state_ok"] is True and len(w.doubt) == 0
-    assert len(env.sink.ops("v", "manifest")) >= 40  # every file published again after the rollback
+    assert len(env.sink.files("v")) >= 40  # every file published again after the rollback
 
 
 async def test_path_in_doubt_is_resent_even_if_it_went_back(env):
@@ -241,7 +245,7 @@ async def test_listing_waits_for_paths_in_doubt(env, tmp_path):
     await until(lambda: env.sink.ops("v", "listing"), timeout=15, what="listing after the retry")
     last = env.sink.ops("v", "listing")[-1]
     assert last["last"] and last["count"] == 1 and last["entries"][-1][0] == "new"
-    manifests = env.sink.ops("v", "manifest", "new")
+    manifests = env.sink.files("v", "new")
     assert manifests[-1].seq < last.seq  # the retry was published before the listing
 
 
@@ -342,8 +346,8 @@ async def test_rename_into_a_directory_that_is_gone_again_is_examined_instead(en
     await until(lambda: committed(env.state, "v").get("d2/f") == "f", what="d2/f committed")
     assert not [e for e in env.sink.events if "d1" in (e.path or "") or "d1" in str(e.fields.get("dst", ""))]
     assert env.sink.ops("v", "delete", "f")  # the source no longer has f: the stream says so
-    ops = [(e.op, e.path) for e in env.sink.ops("v") if e.op in ("mkdir", "manifest")]
-    assert ops.index(("mkdir", "d2")) < ops.index(("manifest", "d2/f"))
+    ops = [(e.op, e.path) for e in env.sink.ops("v") if e.op in ("mkdir", "manifest", "file")]
+    assert ops.index(("mkdir", "d2")) < ops.index(("file", "d2/f"))
     assert "f" not in committed(env.state, "v")
 
 
@@ -373,3 +377,21 @@ async def test_doubt_follows_a_rename(env):
     assert "g" in committed(env.state, "v") and "f" not in committed(env.state, "v")
     resent = env.sink.ops("v", "block", "g")
     assert resent and resent[-1]["off"] == 16384 and env.sink.ops("v", "manifest", "g")
+
+
+async def test_a_small_file_is_one_record_and_a_chmod_sends_no_content(env):
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    (w.vol.path / "small").write_bytes(b"x" * 1000)
+    (w.vol.path / "big").write_bytes(os.urandom(16384 + 1))  # more than one block: blocks + manifest
+    w.mark("small", force=False)
+    w.mark("big", force=False)
+    await until(lambda: {"small", "big"} <= set(committed(env.state, "v")), what="both committed")
+    assert [e.op for e in env.sink.events if e.path == "small"] == ["file"]
+    f = env.sink.ops("v", "file", "small")[0]
+    assert f.payload == b"x" * 1000 and f["size"] == 1000
+    assert [e.op for e in env.sink.events if e.path == "big"] == ["truncate", "block", "block", "manifest"]
+    os.chmod(w.vol.path / "small", 0o600)
+    w.mark("small", force=False)
+    await until(lambda: env.sink.ops("v", "manifest", "small"), what="metadata-only manifest")
+    assert len(env.sink.ops("v", "file", "small")) == 1 and env.sink.ops("v", "manifest", "small")[0]["mode"] == 0o600

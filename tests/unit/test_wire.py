@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from daemon import listing, wire
-from daemon.blocks import block_hash, zero_hash
+from daemon.blocks import block_hash, file_root, zero_hash
 from daemon.errors import RejectedEvent
 
 
@@ -23,6 +23,9 @@ GOOD = [
     ev("manifest", path="a/b.txt", size=5, mode=0o644, mtime_ns=1, root="0" * 32, bs=16384),
     ev("manifest", path="r", size=0, mode=0o600, mtime_ns=2, root="1" * 32, bs=131072, repair=True),
     ev("delete", path="x"),
+    ev("file", path="small.txt", size=5, mode=0o640, mtime_ns=3, root=file_root(block_hash(b"hello"), 5).hex(),
+       hash=block_hash(b"hello").hex(), bs=16384, payload=b"hello"),
+    ev("file", path="empty", size=0, mode=0o600, mtime_ns=4, root=file_root(b"", 0).hex(), hash=block_hash(b"").hex(), bs=16384),
     ev("mkdir", path="d/e", mode=0o755),
     ev("rmtree", path="d"),
     ev("rename", path="a", dst="b/c"),
@@ -146,3 +149,23 @@ def test_bad_listing_rejected(entries):
 def test_block_offset_must_align():
     with pytest.raises(RejectedEvent):
         wire.decode(raw_with(block_hdr(off=3, size=8)), b"vol1")
+
+
+def _file_ev(data=b"hello", **over):
+    f = {"path": "s", "size": len(data), "mode": 0o644, "mtime_ns": 1, "root": file_root(block_hash(data) if data else b"", len(data)).hex(),
+         "hash": block_hash(data).hex(), "bs": 16384, "payload": data}
+    f.update(over)
+    return ev("file", **f)
+
+
+@pytest.mark.parametrize("over, reason", [
+    ({"payload": b"HELLO"}, "hash_mismatch"),  # content does not match its hash
+    ({"root": "0" * 32}, "hash_mismatch"),  # root is not the root of (hash, size)
+    ({"payload": b"hell"}, "bad_schema"),  # payload shorter than the size
+    ({"big": True}, "too_large"),  # more than one block
+])
+def test_file_record_is_checked_whole(over, reason):
+    e = _file_ev(**over) if "big" not in over else _file_ev(b"x" * 16385)
+    with pytest.raises(RejectedEvent) as ei:
+        wire.decode(wire.encode(e), b"vol1")
+    assert ei.value.reason == reason
