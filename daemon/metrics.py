@@ -79,6 +79,14 @@ class SourceMetrics(CommonMetrics):
         self.sync_bytes_done = Gauge(
             "volmirror_source_initial_sync_bytes_done", "Bytes read so far in the initial sync", ["volume"], registry=registry
         )
+        self.sync_rate = Gauge(
+            "volmirror_source_initial_sync_bytes_per_second", "Average read rate of the running initial sync (0 when none runs)",
+            ["volume"], registry=registry,
+        )
+        self.sync_eta = Gauge(
+            "volmirror_source_initial_sync_eta_seconds", "Estimated seconds until the running initial sync is done (0 when none runs)",
+            ["volume"], registry=registry,
+        )
         self.watch_ok = Gauge(
             "volmirror_source_watch_active",
             "1 while the volume is watched by inotify, 0 when it fell back to periodic scans only",
@@ -135,7 +143,7 @@ class SourceMetrics(CommonMetrics):
         self.torn_reads.labels(vol)
         self.watch_ok.labels(vol)
         self.publish_latency.labels(vol)
-        for g in (self.sync_files_total, self.sync_files_done, self.sync_bytes_total, self.sync_bytes_done):
+        for g in (self.sync_files_total, self.sync_files_done, self.sync_bytes_total, self.sync_bytes_done, self.sync_rate, self.sync_eta):
             g.labels(vol)
 
 

@@ -142,7 +142,7 @@ def render(st: dict[str, Any], site_volumes: tuple[str, ...] = ()) -> str:
             sync = v.get("sync") or {}
             s = "done"
             if sync.get("active"):
-                s = f"{sync['files_done']}/{sync['files_total']} files"
+                s = sync_text(sync)
             lines.append(f"{name:<20} {v.get('pending_files')!s:>8} {v.get('last_seq')!s:>9} {_ago(v.get('last_published')):>15}  {s}")
     for x in verdict.values():
         if not x.protected:
@@ -151,6 +151,14 @@ def render(st: dict[str, Any], site_volumes: tuple[str, ...] = ()) -> str:
     if st.get("agent") == "mirror" and not any(x.counts for x in verdict.values()):
         lines.append("  no volume to protect: nothing announced or received at this site yet")
     return "\n".join(lines)
+
+
+def sync_text(sync: dict[str, Any]) -> str:
+    """'1,234/10,000 files, 12.0 MiB/97.7 MiB, 8.9 MiB/s, ETA 12 s' from a progress snapshot."""
+    eta = sync.get("eta_seconds")
+    eta_s = "ETA n/a" if eta is None else f"ETA {eta:.0f} s" if eta < 120 else f"ETA {eta / 60:.0f} min" if eta < 7200 else f"ETA {eta / 3600:.1f} h"
+    return (f"{sync['files_done']:,}/{sync['files_total']:,} files, {fmt_bytes(sync['bytes_done'])}/{fmt_bytes(sync['bytes_total'])}, "
+            f"{fmt_bytes(sync.get('rate_bytes_per_s') or 0)}/s, {eta_s}")
 
 
 def _vol_part(name: str, v: dict[str, Any], x: Verdict) -> str:
@@ -175,9 +183,9 @@ def one_line(st: dict[str, Any], site_volumes: tuple[str, ...] = ()) -> str:
     bad = [f"{x.volume}: {x.reasons[0]}" for x in verdicts(st) if not x.protected]
     tail = "".join(f"; {b}" for b in bad)
     if syncs:
-        done = sum(x["bytes_done"] for x in syncs)
-        total = sum(x["bytes_total"] for x in syncs)
-        return f"source: initial sync {fmt_bytes(done)}/{fmt_bytes(total)}, {pend} pending{tail}"
+        tot = {k: sum(x[k] or 0 for x in syncs) for k in ("files_done", "files_total", "bytes_done", "bytes_total", "rate_bytes_per_s")}
+        tot["eta_seconds"] = max((x["eta_seconds"] for x in syncs if x.get("eta_seconds") is not None), default=None)
+        return f"source: initial sync {sync_text(tot)}, {pend} pending{tail}"
     return f"source: {pend} file(s) pending{tail}"
 
 

@@ -330,6 +330,9 @@ class VolumeWorker:
             p.bytes_done += b.bytes_read
             self.m.sync_files_done.labels(n).set(p.files_done)
             self.m.sync_bytes_done.labels(n).set(p.bytes_done)
+            snap = p.snapshot()
+            self.m.sync_rate.labels(n).set(snap["rate_bytes_per_s"])
+            self.m.sync_eta.labels(n).set(snap["eta_seconds"] or 0)
 
     async def _failed(self, b: Batch | None, err: BaseException) -> None:
         """Roll back, put the batch's paths in doubt, mark them again with backoff, report."""
@@ -448,6 +451,8 @@ class VolumeWorker:
         p.active = False
         self.m.sync_files_done.labels(self.name).set(p.files_done)
         self.m.sync_bytes_done.labels(self.name).set(p.bytes_done)
+        self.m.sync_rate.labels(self.name).set(0)
+        self.m.sync_eta.labels(self.name).set(0)
 
     def _mark_children(self, path: str) -> None:
         try:

@@ -58,7 +58,12 @@ def source_part(st: dict[str, Any] | None, addr: str) -> str:
     if syncs:
         done = sum(float(s.get("bytes_done") or 0) for s in syncs)
         total = sum(float(s.get("bytes_total") or 0) for s in syncs)
-        out += f", initial sync {fmt_bytes(done)}/{fmt_bytes(total)}"
+        fdone = sum(int(s.get("files_done") or 0) for s in syncs)
+        ftotal = sum(int(s.get("files_total") or 0) for s in syncs)
+        rate = sum(float(s.get("rate_bytes_per_s") or 0) for s in syncs)
+        etas = [float(s["eta_seconds"]) for s in syncs if s.get("eta_seconds") is not None]
+        eta = f"ETA {max(etas):.0f} s" if etas else "ETA n/a"
+        out += f", initial sync {fdone}/{ftotal} files, {fmt_bytes(done)}/{fmt_bytes(total)}, {fmt_bytes(rate)}/s, {eta}"
     if not st.get("kafka_connected"):
         out += ", source: Kafka DISCONNECTED"
     return out

@@ -216,3 +216,14 @@ def test_run_status_unreachable_agent(tmp_path, capsys):
     (tmp_path / "state" / "status.json").write_text(json.dumps({**mirror(v=mvol()), "written_at": time.time() - 60}))
     assert status.run_status(cfg, as_json=False, watch=False) == EXIT_FAILURE
     assert "STALE" in capsys.readouterr().out
+
+
+def test_initial_sync_progress_shows_files_bytes_rate_and_eta():
+    sync = {"active": True, "files_done": 1234, "files_total": 10000, "bytes_done": 12 * 2**20, "bytes_total": 100 * 2**20,
+            "rate_bytes_per_s": 4 * 2**20, "eta_seconds": 22.0}
+    st = source(v=svol(sync=sync))
+    line = status.one_line(st)
+    assert "1,234/10,000 files" in line and "12.0 MiB/100.0 MiB" in line and "4.0 MiB/s" in line and "ETA 22 s" in line
+    assert "1,234/10,000 files" in status.render(st)
+    assert "ETA 2 min" in status.sync_text({**sync, "eta_seconds": 130.0})
+    assert "ETA n/a" in status.sync_text({**sync, "eta_seconds": None})
