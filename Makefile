@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-deps
 
-.PHONY: run test test-faults test-unit deps venv kafka-fetch kafka-start kafka-stop bench clean
+.PHONY: run test test-faults test-unit deps venv kafka-fetch kafka-start kafka-stop bench bench-quick clean
 
 deps:
 	@bash deploy/setup/debian-deps.sh test
@@ -43,9 +43,17 @@ test-faults: deps venv kafka-fetch
 test-unit: venv
 	@$(PY) -m pytest -q tests/unit
 
-bench: venv kafka-fetch
+# Benchmarks (issue 8): volmirror vs rsync / cat / lsyncd in one run, own Kafka broker; about an hour at
+# full scale (writes docs/benchmarks.md and build/bench.json; exit 1 if a floor fails). bench-quick: sizes
+# divided (files /10, bytes /8), a few minutes, report in build/benchmarks-quick.md.
+# Extra arguments: make bench BENCH_ARGS="--only delta,latency --rounds 5"
+bench: deps venv kafka-fetch
 	@bash deploy/setup/debian-deps.sh bench
-	@$(PY) tests/bench/bench.py
+	@$(PY) tests/bench/run.py $(BENCH_ARGS)
+
+bench-quick: deps venv kafka-fetch
+	@bash deploy/setup/debian-deps.sh bench
+	@$(PY) tests/bench/run.py --scale quick $(BENCH_ARGS)
 
 kafka-start: kafka-fetch
 	@bash deploy/kafka/kafka.sh start
