@@ -29,6 +29,7 @@ class DirtySet:
         self.debounce = debounce
         self.max_delay = max_delay
         self._marks: dict[str, Mark] = {}
+        self._live: set[str] = set()  # marked by the watcher (debounced): a live change, not a backlog
 
     def __len__(self) -> int:
         return len(self._marks)
@@ -45,21 +46,38 @@ class DirtySet:
         first = old.first if old else now
         due = min(now + self.debounce, first + self.max_delay) if delay is None else now + delay
         self._marks[path] = Mark(due, first, force or (old.force if old else False))
+        if delay is None:
+            self._live.add(path)
+        else:
+            self._live.discard(path)
 
     def due(self, now: float) -> list[str]:
         """The paths due at ``now``, in path order."""
         return sorted(p for p, m in self._marks.items() if m.due <= now)
 
+    def is_live(self, path: str) -> bool:
+        return path in self._live
+
+    def live_due(self, now: float) -> list[str]:
+        """The live changes due at ``now`` (watcher marks, not scan results, children of new
+        directories or retries), in path order: they overtake a backlog (priority lane)."""
+        return sorted(p for p in self._live if self._marks[p].due <= now)
+
     def next_due(self) -> float | None:
         return min((m.due for m in self._marks.values()), default=None)
 
     def pop(self, path: str) -> Mark | None:
+        self._live.discard(path)
         return self._marks.pop(path, None)
 
     def move(self, src: str, dst: str) -> None:
         """Pending marks at or below ``src`` follow a rename to ``dst``."""
         for p in [p for p in self._marks if p == src or p.startswith(src + "/")]:
-            self._marks[dst + p[len(src) :]] = self._marks.pop(p)
+            q = dst + p[len(src) :]
+            self._marks[q] = self._marks.pop(p)
+            if p in self._live:
+                self._live.discard(p)
+                self._live.add(q)
 
 
 class InDoubt:

@@ -243,10 +243,26 @@ class VolumeWorker:
         return Batch(self._open_index(), self.name)
 
     async def _process(self, due: list[str]) -> None:
+        due = [p for p in due if self.dirty.is_live(p)] + [p for p in due if not self.dirty.is_live(p)]  # live changes first
         b: Batch | None = None
         try:
             b = self._batch()
             for path in due:
+                if b.paths and not self.dirty.is_live(path) and self.dirty.live_due(time.monotonic()):
+                    # priority lane: live changes overtake a backlog (initial sync, rescan); the
+                    # batch so far goes now, the live ones in their own batch, then the backlog
+                    await self._settle(b)
+                    b = self._batch()
+                    for live in self.dirty.live_due(time.monotonic()):
+                        mark = self.dirty.pop(live)
+                        if mark is not None:
+                            b.paths.append(live)
+                            await self._examine(b, live, mark.force)
+                            if b.full:
+                                await self._settle(b)
+                                b = self._batch()
+                    await self._settle(b)
+                    b = self._batch()
                 mark = self.dirty.pop(path)
                 if mark is None:
                     continue

@@ -73,9 +73,11 @@ def test_02_mirror_sigkill_x5_mid_apply(fault_case):
     rng = random.Random(2)
     for _ in range(3):
         time.sleep(rng.uniform(3, 6))
-        base = c.mirror.metric("volmirror_mirror_applied_events_total", volume="vol1", op="block")
-        wait_for(lambda: c.mirror.metric("volmirror_mirror_applied_events_total", volume="vol1", op="block") > base, 30,
-                 "the mirror applying blocks")
+        def data_records() -> float:  # blocks of large files, whole small files
+            return sum(c.mirror.metric("volmirror_mirror_applied_events_total", volume="vol1", op=op) for op in ("block", "file"))
+
+        base = data_records()
+        wait_for(lambda: data_records() > base, 30, "the mirror applying data records")
         c.mirror.kill()
         kills += 1
         log(f"mirror SIGKILLed mid-apply ({kills}/5)")

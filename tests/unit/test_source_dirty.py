@@ -59,3 +59,20 @@ def test_unprotected_counts_each_path_once_and_scans_replace():
     u.scanned({})
     assert len(u) == 0
     assert replicable_name("é/ok") and not replicable_name("caf\udce9")
+
+
+def test_live_changes_are_a_lane_of_their_own():
+    d = DirtySet(debounce=0.05, max_delay=1.0)
+    for i in range(100):
+        d.mark(f"backlog/{i:03d}", 0.0, force=False, delay=0)  # scan results
+    d.mark("live.txt", 0.0, force=True)  # a watcher event: debounced
+    assert d.live_due(0.01) == []  # not due before its debounce
+    assert d.live_due(0.06) == ["live.txt"]
+    assert len(d.due(0.06)) == 101
+    d.mark("backlog/000", 0.1, force=True)  # a watcher event on a backlog path makes it live
+    assert d.live_due(0.2) == ["backlog/000", "live.txt"]
+    d.move("backlog", "moved")
+    assert d.live_due(0.2) == ["live.txt", "moved/000"]
+    d.pop("live.txt")
+    d.mark("moved/000", 0.3, force=True, delay=5)  # a retry with backoff is not live
+    assert d.live_due(10) == []

@@ -395,3 +395,21 @@ async def test_a_small_file_is_one_record_and_a_chmod_sends_no_content(env):
     w.mark("small", force=False)
     await until(lambda: env.sink.ops("v", "manifest", "small"), what="metadata-only manifest")
     assert len(env.sink.ops("v", "file", "small")) == 1 and env.sink.ops("v", "manifest", "small")[0]["mode"] == 0o600
+
+
+async def test_a_live_change_overtakes_a_backlog(env):
+    """Priority lane: a file written while 1,500 scanned files wait is published long before the
+    last of them, not behind the whole backlog."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"b{i:04d}" for i in range(1500)]
+    for n in names:
+        (w.vol.path / n).write_bytes(os.urandom(2000))
+    w.scan_found([], names, {})
+    await until(lambda: len(env.sink.files("v")) >= 10, what="backlog started")
+    (w.vol.path / "live").write_bytes(b"urgent")
+    w.mark("live", force=True)  # as the watcher does
+    await until(lambda: len(committed(env.state, "v")) == 1501, timeout=60, what="all committed")
+    seqs = {e.path: e.seq for e in env.sink.files("v")}
+    later = sum(1 for n in names if seqs[n] > seqs["live"])
+    assert later > 500, f"only {later} backlog files were published after the live one"
