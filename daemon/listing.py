@@ -88,7 +88,8 @@ def parts(rows: Iterable[list], nonce: str, part_bytes: int = PART_BYTES) -> Ite
             yield {"nonce": nonce, "part": n, "last": False, "entries": prev, "phash": part_hash(prev)}
             n += 1
         prev = part
-    assert prev is not None
+    if prev is None:  # split() yields at least one (possibly empty) part
+        raise ValueError("listing.parts: split() produced no part")
     yield {"nonce": nonce, "part": n, "last": True, "entries": prev, "phash": part_hash(prev), "count": d.count, "root": d.hexdigest()}
 
 

@@ -74,18 +74,8 @@ def read_file(path: str, block_size: int, known: bytes | None, result: ReadResul
     FileChangedError on a torn read; OS errors are wrapped with the path.
     """
     before = result.before
+    fd = _open_checked(path, before)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise FileChangedError(path) from None
-    except OSError as e:
-        if e.errno == 40:  # ELOOP: became a symlink
-            raise FileChangedError(path) from None
-        raise os_error("open", path, e) from None
-    try:
-        st = os.fstat(fd)
-        if st.st_ino != before.ino or st.st_size != before.size:
-            raise FileChangedError(path)
         seg = Segment()
         seg_bytes = 0
         idx = 0
@@ -127,9 +117,8 @@ def read_file(path: str, block_size: int, known: bytes | None, result: ReadResul
         os.close(fd)
 
 
-def read_small(path: str, before: Stat) -> bytes:
-    """The whole content of a file of at most one block, checked like :func:`read_file` (same
-    inode and size when opened, unchanged after the read). One call, one thread hop."""
+def _open_checked(path: str, before: Stat) -> int:
+    """Open ``path`` for reading; FileChangedError unless it is still the stat'ed inode and size."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -140,8 +129,20 @@ def read_small(path: str, before: Stat) -> bytes:
         raise os_error("open", path, e) from None
     try:
         st = os.fstat(fd)
-        if st.st_ino != before.ino or st.st_size != before.size:
-            raise FileChangedError(path)
+    except OSError as e:
+        os.close(fd)
+        raise os_error("read", path, e) from None
+    if st.st_ino != before.ino or st.st_size != before.size:
+        os.close(fd)
+        raise FileChangedError(path)
+    return fd
+
+
+def read_small(path: str, before: Stat) -> bytes:
+    """The whole content of a file of at most one block, checked like :func:`read_file` (same
+    inode and size when opened, unchanged after the read). One call, one thread hop."""
+    fd = _open_checked(path, before)
+    try:
         parts = []
         n = 0
         while n <= before.size:  # one read past the end shows growth

@@ -254,23 +254,10 @@ class VolumeWorker:
                     await self._settle(b)
                     b = self._batch()
                     for live in self.dirty.live_due(time.monotonic()):
-                        mark = self.dirty.pop(live)
-                        if mark is not None:
-                            b.paths.append(live)
-                            await self._examine(b, live, mark.force)
-                            if b.full:
-                                await self._settle(b)
-                                b = self._batch()
+                        b = await self._take(b, live)
                     await self._settle(b)
                     b = self._batch()
-                mark = self.dirty.pop(path)
-                if mark is None:
-                    continue
-                b.paths.append(path)
-                await self._examine(b, path, mark.force)
-                if b.full:
-                    await self._settle(b)
-                    b = self._batch()
+                b = await self._take(b, path)
             await self._settle(b)
         except asyncio.CancelledError:
             if b is not None:
@@ -286,6 +273,19 @@ class VolumeWorker:
                 raise asyncio.CancelledError from e
             await self._failed(b, e)
         self.m.pending_files.labels(self.name).set(len(self.dirty))
+
+    async def _take(self, b: Batch, path: str) -> Batch:
+        """Examine one due path into ``b``; a full batch is settled. Returns the batch to go on with
+        (on an error ``b`` is still the caller's, which rolls it back)."""
+        mark = self.dirty.pop(path)
+        if mark is None:
+            return b
+        b.paths.append(path)
+        await self._examine(b, path, mark.force)
+        if not b.full:
+            return b
+        await self._settle(b)
+        return self._batch()
 
     async def _examine(self, b: Batch, path: str, force: bool) -> None:
         resync = path in self.resyncs
