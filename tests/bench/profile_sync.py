@@ -1,0 +1,54 @@
+"""Profile one initial sync: NF small files (4-16 KiB) + a BIG MiB file, source and mirror as real agents
+on a private broker; prints time to converge, CPU seconds and peak RSS of each agent, and rsync -a of the
+same tree. SPY=1 records py-spy profiles (--gil, raw) to /tmp/spy-{source,mirror}.txt (py-spy: pip
+install py-spy into the venv; not a project dependency).
+
+    NF=10000 BIG=0 SPY=1 .venv/bin/python tests/bench/profile_sync.py
+"""
+import os, sys, time, random, subprocess, signal
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+from pathlib import Path
+from tests.harness import Broker, Setup, wait_converged, wait_for
+import tempfile
+NF = int(os.environ.get("NF", "5000")); BIG = int(os.environ.get("BIG", "256"))
+SPY = os.environ.get("SPY")
+tmp = Path(tempfile.mkdtemp(prefix="prof-"))
+b = Broker()
+try:
+    s = Setup(tmp, b.bootstrap, "prof.t")
+    v = s.src["vol1"]
+    rng = random.Random(1)
+    for i in range(NF):
+        d = v / f"d{i // 100}"; d.mkdir(exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(rng.randint(4096, 16384)))
+    if BIG:
+        with open(v / "big", "wb") as f:
+            for _ in range(BIG): f.write(os.urandom(1 << 20))
+    m = s.add_mirror(); m.log_level = "info"; s.source.log_level = "info"
+    m.start()
+    t0 = time.monotonic()
+    s.source.start(wait_ready=False)
+    spies = []
+    if SPY:
+        time.sleep(1.0)
+        for a in (s.source, m):
+            spies.append(subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(a.proc.pid), "-o", f"/tmp/spy-{a.kind}.txt", "-f", "raw", "-r", "50", "--nonblocking", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_converged(v, s.mirror_path(), timeout=900, agents=[s.source, m])
+    el = time.monotonic() - t0
+    def cpu(pid):
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    def hwm(pid):
+        return next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")).split()[1]
+    print(f"NF={NF} BIG={BIG}MiB: converged in {el:.1f}s; source cpu {cpu(s.source.proc.pid):.1f}s rss {hwm(s.source.proc.pid)}kB; mirror cpu {cpu(m.proc.pid):.1f}s rss {hwm(m.proc.pid)}kB", flush=True)
+    import json
+    for l in open(tmp/"source.log"):
+        if "sync of volume" in l or "reconcile scan" in l: print("SRC", json.loads(l)["ts"], json.loads(l)["msg"])
+    print("t0 wall", time.strftime("%H:%M:%S", time.gmtime(time.time()-el)))
+    for sp in spies: sp.send_signal(signal.SIGINT)
+    for sp in spies: sp.wait(30)
+    t = time.monotonic(); subprocess.run(["rsync", "-a", f"{v}/", f"{tmp}/rs/"]); print(f"rsync {time.monotonic()-t:.1f}s")
+    s.stop_all()
+finally:
+    b.stop()
+    subprocess.run(["rm", "-rf", str(tmp)])
