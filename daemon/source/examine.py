@@ -25,7 +25,7 @@ from ..errors import FileChangedError
 from ..store.source_index import DIR, FILE, SYMLINK, Entry
 from .batch import Batch
 from .publisher import Publisher
-from .reader import ReadResult, Stat, lstat, read_file, read_small
+from .reader import Pre, ReadResult, Stat, lstat, read_file, read_small
 
 log = logging.getLogger("volmirror.source")
 
@@ -73,10 +73,15 @@ class Examiner:
         b.sent(op, await self.pub.send(self.name, op, fields, payload))
 
     async def path(self, b: Batch, path: str, *, force: bool, mirror_hashes: bytes | None = None, resync: bool = False,
-                   doubt: set[int] | None = None) -> None:
-        """Publish what changed at ``path`` (``doubt``: the blocks in doubt, None if not in doubt)."""
+                   doubt: set[int] | None = None, pre: Pre | None = None) -> None:
+        """Publish what changed at ``path`` (``doubt``: the blocks in doubt, None if not in doubt;
+        ``pre``: its lstat and small content from :func:`~daemon.source.reader.prefetch`, taken
+        after its mark was popped)."""
         again = resync or doubt is not None  # the mirror may hold something else: send the final state
-        st = None if self.vol.is_excluded(path) else lstat(self._abs(path))
+        if self.vol.is_excluded(path):
+            st = None
+        else:
+            st = pre.st if pre is not None else lstat(self._abs(path))
         e = b.get(path)
         if st is None or st.kind == "o":
             if e is not None:
@@ -99,7 +104,8 @@ class Examiner:
         elif st.kind == SYMLINK:
             await self._symlink(b, path, st, e)
         else:
-            await self._file(b, path, st, e, force=force or doubt is not None, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt)
+            await self._file(b, path, st, e, force=force or doubt is not None, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt,
+                             data=pre.data if pre is not None else None)
 
     async def _remove(self, b: Batch, path: str, e: Entry) -> None:
         if e.kind == DIR:
@@ -146,10 +152,11 @@ class Examiner:
             await self.send(b, "symlink", {"path": path, "target": target})
             b.put(Entry(path, SYMLINK, 0, st.mtime_ns, st.ino, 0, target))
 
-    async def _small(self, b: Batch, path: str, st: Stat, e: Entry | None, *, resend: bool) -> None:
-        """A file of at most one block: one read, and one ``file`` record with its content (or a
-        manifest if only its metadata changed)."""
-        data = await asyncio.to_thread(read_small, self._abs(path), st)
+    async def _small(self, b: Batch, path: str, st: Stat, e: Entry | None, *, resend: bool, data: bytes | None) -> None:
+        """A file of at most one block: one read (``data``: already read with ``st``), and one
+        ``file`` record with its content (or a manifest if only its metadata changed)."""
+        if data is None:
+            data = await asyncio.to_thread(read_small, self._abs(path), st)
         h = block_hash(data)
         hashes = h if st.size else b""
         root = file_root(hashes, st.size)
@@ -171,12 +178,12 @@ class Examiner:
         b.put(Entry(path, FILE, st.size, st.mtime_ns, st.ino, st.mode, None, hashes, root))
 
     async def _file(self, b: Batch, path: str, st: Stat, e: Entry | None, *, force: bool, resync: bool,
-                    mirror_hashes: bytes | None, doubt: set[int] | None) -> None:
+                    mirror_hashes: bytes | None, doubt: set[int] | None, data: bytes | None = None) -> None:
         if not force and e is not None and (e.size, e.mtime_ns, e.ino, e.mode) == (st.size, st.mtime_ns, st.ino, st.mode):
             return
         bs = self.vol.block_size
         if st.size <= bs and not resync:
-            await self._small(b, path, st, e, resend=doubt is not None)
+            await self._small(b, path, st, e, resend=doubt is not None, data=data)
             return
         known = e.hashes if e is not None else None
         if resync:

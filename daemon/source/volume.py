@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import VolumeConfig
-from ..errors import FileChangedError, PermanentError, PublishError, StateError, TransientError
+from ..errors import FileChangedError, PermanentError, PublishError, StateError, TransientError, VolmirrorError
 from ..store.source_index import SourceIndex, volume_index
 from ..metrics import SourceMetrics
 from .answers import checkpoint_fields, send_listing
@@ -35,6 +35,7 @@ from .dirty import DirtySet, InDoubt, StartupGate, backoff, listing_blocked
 from .examine import Examiner, forget_blocks
 from .progress import Progress
 from .publisher import Publisher
+from .reader import Pre, Stat, lstat, prefetch
 
 log = logging.getLogger("volmirror.source")
 
@@ -42,6 +43,7 @@ OpenIndex = Callable[[Path, str], SourceIndex]
 CONTROL_RETRY = 5.0  # seconds before a failed checkpoint/listing is tried again
 STATE_BACKOFF = 10.0  # cap of the retry delay while state_dir cannot be written (space may return any time)
 KAFKA_BACKOFF = 30.0
+PREFETCH_PATHS = 64  # due paths popped, lstat'ed and (small files) read per thread hop
 
 
 class VolumeWorker:
@@ -85,6 +87,7 @@ class VolumeWorker:
         self.next_checkpoint = time.monotonic() + min(5.0, checkpoint_interval)
         self.next_control = 0.0
         self.checkpoint_id = 0
+        self._b: Batch | None = None  # the batch _process has open
 
     # -- inputs ---------------------------------------------------------------------------------
     def notify(self, kind: str, src: str | None, dst: str | None, is_dir: bool) -> None:
@@ -244,55 +247,88 @@ class VolumeWorker:
 
     async def _process(self, due: list[str]) -> None:
         due = [p for p in due if self.dirty.is_live(p)] + [p for p in due if not self.dirty.is_live(p)]  # live changes first
-        b: Batch | None = None
+        self._b = None
         try:
-            b = self._batch()
-            for path in due:
-                if b.paths and not self.dirty.is_live(path) and self.dirty.live_due(time.monotonic()):
+            self._b = self._batch()
+            for i in range(0, len(due), PREFETCH_PATHS):
+                if self._b.paths and not self.dirty.is_live(due[i]) and self.dirty.live_due(time.monotonic()):
                     # priority lane: live changes overtake a backlog (initial sync, rescan); the
                     # batch so far goes now, the live ones in their own batch, then the backlog
-                    await self._settle(b)
-                    b = self._batch()
-                    for live in self.dirty.live_due(time.monotonic()):
-                        b = await self._take(b, live)
-                    await self._settle(b)
-                    b = self._batch()
-                b = await self._take(b, path)
-            await self._settle(b)
+                    await self._next_batch()
+                    await self._take(self.dirty.live_due(time.monotonic()))
+                    await self._next_batch()
+                await self._take(due[i : i + PREFETCH_PATHS])
+            await self._settle(self._b)
         except asyncio.CancelledError:
-            if b is not None:
-                b.rollback()
-                self._requeue(b, 0.0)
+            if self._b is not None:
+                self._b.rollback()
+                self._requeue(self._b, 0.0)
             raise
         except Exception as e:  # noqa: BLE001 - every failure of a batch is reported and retried, never fatal
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # stopping: an error raised while cancelled
-                if b is not None:
-                    b.rollback()
-                    self._requeue(b, 0.0)
+                if self._b is not None:
+                    self._b.rollback()
+                    self._requeue(self._b, 0.0)
                 raise asyncio.CancelledError from e
-            await self._failed(b, e)
+            await self._failed(self._b, e)
+        finally:
+            self._b = None
         self.m.pending_files.labels(self.name).set(len(self.dirty))
 
-    async def _take(self, b: Batch, path: str) -> Batch:
-        """Examine one due path into ``b``; a full batch is settled. Returns the batch to go on with
-        (on an error ``b`` is still the caller's, which rolls it back)."""
-        mark = self.dirty.pop(path)
-        if mark is None:
-            return b
-        b.paths.append(path)
-        await self._examine(b, path, mark.force)
-        if not b.full:
-            return b
-        await self._settle(b)
-        return self._batch()
+    async def _next_batch(self) -> None:
+        """Settle the open batch and open the next (on a failure ``self._b`` is the failed one)."""
+        assert self._b is not None
+        await self._settle(self._b)
+        self._b = self._batch()
 
-    async def _examine(self, b: Batch, path: str, force: bool) -> None:
+    async def _take(self, paths: list[str]) -> None:
+        """Examine a group of due paths into the open batch ``self._b``, settling each batch that
+        fills. On an error ``self._b`` is the batch that failed (the caller rolls it back) and the
+        paths of the group not examined yet are marked again.
+
+        Their marks are popped first, then one thread call lstats them and reads the small files
+        (:func:`~daemon.source.reader.prefetch`): a change after that read marks a path again."""
+        taken = [(p, m) for p in paths if (m := self.dirty.pop(p)) is not None]
+        if not taken:
+            return
+        done = 0
+        try:
+            pre = await asyncio.to_thread(prefetch, self.examiner.root, [p for p, _ in taken if not self.vol.is_excluded(p)],
+                                          self.vol.block_size)
+            for path, mark in taken:
+                assert self._b is not None
+                done += 1
+                self._b.paths.append(path)
+                force, p = mark.force, pre.get(path)
+                again = self.dirty.pop(path)
+                if again is not None:
+                    # marked again since the prefetch (an event; the children of a directory this
+                    # group found new): examined now, with what was read only if it is unchanged
+                    force = force or again.force
+                    p = p if p is not None and p.st is not None and self._unchanged_since(path, p.st) else None
+                await self._examine(self._b, path, force, p)
+                if self._b.full:
+                    await self._next_batch()
+        except BaseException:
+            for path, mark in taken[done:]:
+                self.mark(path, force=mark.force, delay=0.0)
+            raise
+
+    def _unchanged_since(self, path: str, st: Stat) -> bool:
+        """True if ``path`` still has the size, mtime, ctime, inode and mode of ``st``."""
+        try:
+            now = lstat(str(self.vol.path / path))
+        except VolmirrorError:
+            return False
+        return now is not None and now.same_content_view(st) and now.mode == st.mode and now.kind == st.kind
+
+    async def _examine(self, b: Batch, path: str, force: bool, pre: Pre | None = None) -> None:
         resync = path in self.resyncs
         mirror_hashes = self.resyncs.pop(path, None)
         doubt = self.doubt.blocks(path) if path in self.doubt else None
         try:
-            await self.examiner.path(b, path, force=force, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt)
+            await self.examiner.path(b, path, force=force, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt, pre=pre)
         except (PublishError, StateError):
             if resync:
                 self.resyncs[path] = mirror_hashes

@@ -32,18 +32,19 @@ try:
     if SPY:
         time.sleep(1.0)
         for a in (s.source, m):
-            spies.append(subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(a.proc.pid), "-o", f"/tmp/spy-{a.kind}.txt", "-f", "raw", "-r", "50", "--nonblocking", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            spies.append(subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-p", str(a.proc.pid), "-o", f"/tmp/spy-{a.kind}.txt", "-f", "raw", "-r", "50", "--nonblocking"] + (["--gil"] if SPY != "all" else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     wait_converged(v, s.mirror_path(), timeout=900, agents=[s.source, m])
     el = time.monotonic() - t0
     def cpu(pid):
         f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        return f"{int(f[11]) / os.sysconf('SC_CLK_TCK'):.1f}u+{int(f[12]) / os.sysconf('SC_CLK_TCK'):.1f}s"
     def hwm(pid):
         return next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")).split()[1]
-    print(f"NF={NF} BIG={BIG}MiB: converged in {el:.1f}s; source cpu {cpu(s.source.proc.pid):.1f}s rss {hwm(s.source.proc.pid)}kB; mirror cpu {cpu(m.proc.pid):.1f}s rss {hwm(m.proc.pid)}kB", flush=True)
+    print(f"NF={NF} BIG={BIG}MiB: converged in {el:.1f}s; source cpu {cpu(s.source.proc.pid)} rss {hwm(s.source.proc.pid)}kB; mirror cpu {cpu(m.proc.pid)} rss {hwm(m.proc.pid)}kB", flush=True)
     import json
     for l in open(tmp/"source.log"):
-        if "sync of volume" in l or "reconcile scan" in l: print("SRC", json.loads(l)["ts"], json.loads(l)["msg"])
+        j = json.loads(l)
+        if "sync of volume" in l or "reconcile scan" in l or j.get("level") in ("WARNING", "ERROR"): print("SRC", j["ts"], j.get("level"), j["msg"])
     print("t0 wall", time.strftime("%H:%M:%S", time.gmtime(time.time()-el)))
     for sp in spies: sp.send_signal(signal.SIGINT)
     for sp in spies: sp.wait(30)

@@ -413,3 +413,82 @@ async def test_a_live_change_overtakes_a_backlog(env):
     seqs = {e.path: e.seq for e in env.sink.files("v")}
     later = sum(1 for n in names if seqs[n] > seqs["live"])
     assert later > 500, f"only {later} backlog files were published after the live one"
+
+
+async def test_a_scanned_new_directory_publishes_each_file_once(env, monkeypatch):
+    """Marks are popped and read a group at a time (one thread hop): examining a new directory
+    marks its children again, which must not make the group's files be read or sent twice."""
+    import collections
+    import daemon.source.examine as examine_mod
+    import daemon.source.reader as reader_mod
+
+    reads: collections.Counter[str] = collections.Counter()
+    real = reader_mod.read_small
+
+    def counting(path, before):
+        reads[os.path.basename(path)] += 1
+        return real(path, before)
+
+    monkeypatch.setattr(reader_mod, "read_small", counting)
+    monkeypatch.setattr(examine_mod, "read_small", counting)
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = ["d"] + [f"d/f{i:03d}" for i in range(300)]
+    (w.vol.path / "d").mkdir()
+    for n in names[1:]:
+        (w.vol.path / n).write_bytes(os.urandom(100 + len(n)))
+    w.scan_found([], names, {})
+    await until(lambda: len(committed(env.state, "v")) == 301, timeout=30, what="all committed")
+    sent = [e.path for e in env.sink.files("v")]
+    assert sorted(sent) == sorted(names[1:]), "a file was published more than once (or not at all)"
+    assert len(reads) == 300 and set(reads.values()) == {1}, f"files read more than once: {sum(reads.values()) - len(reads)}"
+
+
+async def test_a_change_after_the_group_read_is_published(env, monkeypatch):
+    """A file rewritten (same size) after the group's read and before its examination goes out
+    with its new content, not the content read ahead."""
+    import daemon.source.volume as volume_mod
+
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"f{i:02d}" for i in range(40)]
+    for n in names:
+        (w.vol.path / n).write_bytes(b"old" * 100)
+    real = volume_mod.prefetch
+    loop = asyncio.get_running_loop()
+
+    def racing_prefetch(root, paths, bs, *a):
+        out = real(root, paths, bs, *a)
+        if "f30" in paths:
+            time.sleep(0.01)  # a different mtime
+            (w.vol.path / "f30").write_bytes(b"new" * 100)
+            loop.call_soon_threadsafe(lambda: w.mark("f30", force=False))  # the watcher's event
+        return out
+
+    monkeypatch.setattr(volume_mod, "prefetch", racing_prefetch)
+    w.scan_found([], names, {})
+    await until(lambda: len(committed(env.state, "v")) == 40, timeout=30, what="all committed")
+    await asyncio.sleep(0.3)  # a re-marked path would be examined again by now
+    last = env.sink.files("v", "f30")[-1]
+    assert last.payload == b"new" * 100
+
+
+async def test_a_batch_failing_inside_a_group_loses_none_of_the_group(env, monkeypatch):
+    """A batch fills and fails in the middle of a group: the group's paths not examined yet were
+    already popped and must be marked again, not dropped."""
+    import daemon.source.batch as batch_mod
+
+    monkeypatch.setattr(batch_mod, "BATCH_PATHS", 10)
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"f{i:03d}" for i in range(100)]
+    for n in names:
+        (w.vol.path / n).write_bytes(n.encode() * 10)
+    env.sink.fail.add("v")
+    w.scan_found([], names, {})
+    await until(lambda: env.metric("volmirror_source_errors_total", volume="v", kind="publish") >= 1, what="a failed batch")
+    env.sink.fail.clear()
+    await until(lambda: len(committed(env.state, "v")) == 100, timeout=30, what="all 100 committed")
+    assert len(w.dirty) == 0 and len(w.doubt) == 0
+    for n in names:
+        assert env.sink.files("v", n)[-1].payload == n.encode() * 10
