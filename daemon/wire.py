@@ -175,6 +175,24 @@ def _reject_constant(name: str) -> Any:
     raise RejectedEvent("bad_schema", f"non-finite number {name} in header")
 
 
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder, not one per record
+_HEX_RE = re.compile(r"[0-9a-f]*")
+_BASE = frozenset({"v", "op", "vol", "seq", "epoch", "ts"})
+_KNOWN: dict[str, frozenset[str]] = {}
+
+
+def _known(op: str) -> frozenset[str]:
+    k = _KNOWN.get(op)
+    if k is None:
+        k = _KNOWN[op] = _BASE | set(OPS[op]) | set(OPTIONAL.get(op, {}))
+    return k
+
+
+def _hex(h: str) -> bool:
+    """``h`` is a hash in lowercase hex."""
+    return len(h) == 2 * HASH_LEN and _HEX_RE.fullmatch(h) is not None
+
+
 def _typed(v: Any, typ: type | tuple[type, ...]) -> bool:
     """isinstance, except that a JSON boolean is never a number."""
     if isinstance(v, bool):
@@ -212,7 +230,7 @@ def _decode(value: bytes | None, key: bytes | None, max_file_size: int) -> Event
         raise RejectedEvent("malformed", "header length out of range")
     try:
         # surrogateescape: file names that are not valid UTF-8 travel as their raw bytes
-        hdr = json.loads(value[_HDR.size : _HDR.size + hlen].decode("utf-8", "surrogateescape"), parse_constant=_reject_constant)
+        hdr = _JSON.decode(value[_HDR.size : _HDR.size + hlen].decode("utf-8", "surrogateescape"))
     except (UnicodeDecodeError, ValueError):
         raise RejectedEvent("malformed", "header is not UTF-8 JSON") from None
     payload = value[_HDR.size + hlen :]
@@ -249,9 +267,8 @@ def _decode(value: bytes | None, key: bytes | None, max_file_size: int) -> Event
             if not _typed(val, typ):
                 raise RejectedEvent("bad_schema", f"{op}: field {name!r} wrong type")
             fields[name] = val
-    known = {"v", "op", "vol", "seq", "epoch", "ts"} | set(spec) | set(OPTIONAL.get(op, {}))
-    extra = set(hdr) - known
-    if extra:
+    if not _known(op).issuperset(hdr):
+        extra = set(hdr) - _known(op)
         raise RejectedEvent("bad_schema", f"{op}: unexpected fields {sorted(extra)}")
     if "path" in fields:
         check_relpath(fields["path"])
@@ -273,8 +290,7 @@ def _decode(value: bytes | None, key: bytes | None, max_file_size: int) -> Event
         raise RejectedEvent("too_large", f"{op}: size {fields['size']} exceeds the mirror's max_file_size {max_file_size}")
     for name in ("hash", "root"):
         if name in fields:
-            h = fields[name]
-            if len(h) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in h):
+            if not _hex(fields[name]):
                 raise RejectedEvent("bad_schema", f"{op}: {name} must be {2 * HASH_LEN} lowercase hex digits")
     if "bs" in fields and not _block_size_ok(fields["bs"]):
         raise RejectedEvent("bad_schema", f"{op}: bs must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}")
@@ -301,7 +317,7 @@ def _check_listing(f: dict[str, Any]) -> None:
         raise RejectedEvent("bad_schema", "listing: nonce must be 1..64 characters of [0-9A-Za-z_-]")
     if not 0 <= f["part"] <= MAX_I64:
         raise RejectedEvent("bad_schema", "listing: part out of range")
-    if len(f["phash"]) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in f["phash"]):
+    if not _hex(f["phash"]):
         raise RejectedEvent("bad_schema", "listing: phash must be lowercase hex")
     if f["last"] != ("count" in f and "root" in f):
         raise RejectedEvent("bad_schema", "listing: count and root come with the last part, and only with it")
@@ -318,7 +334,7 @@ def _check_listing(f: dict[str, Any]) -> None:
             raise RejectedEvent("bad_schema", "listing: malformed entry")
         if not (0 <= r[2] <= MAX_I64 and 0 <= r[3] <= 0o7777 and MIN_I64 <= r[4] <= MAX_I64):
             raise RejectedEvent("bad_schema", "listing: number out of range")
-        if r[1] == "f" and (len(r[5]) != 2 * HASH_LEN or not all(c in "0123456789abcdef" for c in r[5])):
+        if r[1] == "f" and not _hex(r[5]):
             raise RejectedEvent("bad_schema", "listing: malformed root")
 
 
