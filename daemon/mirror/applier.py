@@ -12,6 +12,9 @@ agent calls before it records progress and commits offsets: one ``syncfs(2)`` pe
 (volume roots), which flushes every written file and directory in one journal commit, instead of one
 ``fsync`` per file (a journal commit each: the limit of small-file throughput). Where ``syncfs`` is
 not available, every touched file and directory is fsynced as before.
+
+A new file in an existing directory is created with one ``open(O_CREAT|O_EXCL)``; anything else at
+the path (or a missing parent) takes the general route that looks first.
 """
 
 from __future__ import annotations
@@ -206,7 +209,25 @@ class Applier:
         return True
 
     def _fd(self, vr: str, full: str) -> int:
+        return self._open(vr, full)[0]
+
+    def _open(self, vr: str, full: str) -> tuple[int, bool]:
+        """A descriptor for writing the regular file ``full`` (created if missing, replacing anything
+        else at the path), and True if it was created empty just now."""
         fd = self._fds.get(full)
+        if fd is None:
+            # the common case of an initial sync: a new file in an existing directory, one syscall
+            try:
+                fd = os.open(full, _OPEN_FLAGS | os.O_EXCL, 0o600)
+            except (FileExistsError, FileNotFoundError, NotADirectoryError):
+                fd = None  # something is there, or a parent is missing or not a directory: below
+            else:
+                self._touch_dir(full)
+                self._keep(full, fd)
+                return fd, True
+        return self._fd_general(vr, full, fd), False
+
+    def _fd_general(self, vr: str, full: str, fd: int | None) -> int:
         if fd is not None:
             # the path may have been removed or replaced behind our back (someone on the mirror
             # host, or a repair): never write through a descriptor that is no longer that path
@@ -223,10 +244,14 @@ class Applier:
             st = os.lstat(full)
             if not stat.S_ISREG(st.st_mode):
                 self._remove(full)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a parent is missing, or a file holds its place
             self._ensure_parent(vr, full)
             self._touch_dir(full)
         fd = os.open(full, _OPEN_FLAGS, 0o600)
+        self._keep(full, fd)
+        return fd
+
+    def _keep(self, full: str, fd: int) -> None:
         self._fds[full] = fd
         if len(self._fds) > MAX_OPEN:
             old, ofd = self._fds.popitem(last=False)
@@ -235,7 +260,6 @@ class Applier:
                     os.fsync(ofd)
             finally:
                 os.close(ofd)
-        return fd
 
     # -- ops ------------------------------------------------------------------------------------
     def _op_block(self, vr: str, full: str, ev: Event) -> int:
@@ -262,11 +286,11 @@ class Applier:
 
     def _op_file(self, vr: str, full: str, ev: Event) -> int:
         """A whole small file: content, size and metadata in one op."""
-        fd = self._fd(vr, full)
+        fd, new = self._open(vr, full)
         n = ev["size"]
         if n:
             pwrite_all(fd, ev.payload, 0)
-        if os.fstat(fd).st_size != n:
+        if not new and os.fstat(fd).st_size != n:
             os.ftruncate(fd, n)
         os.fchmod(fd, ev["mode"])
         os.utime(fd, ns=(ev["mtime_ns"], ev["mtime_ns"]))

@@ -99,6 +99,7 @@ class ApplyActor:
         self.on_volume = on_volume  # first sight of a volume (creates its metric series; thread-safe)
         self.faults = faults or Faults()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="volmirror-apply")
+        self._counters: dict[tuple[str, str | None], Any] = {}  # metric children by (volume, op)
         self.idx = MirrorIndex(mc.state_dir / "mirror.sqlite")
         self.applier = Applier(mc.root)
         self.drift = Drift(metrics)
@@ -284,9 +285,16 @@ class ApplyActor:
             self.m.deleted_files.labels(vol, "stream").inc()
         self.undurable_bytes += n
         op = "zero" if ev.op == "block" and ev["zero"] else ev.op
-        self.m.applied_events.labels(vol, op).inc()
+        self._counter(vol, op).inc()
         if n:
-            self.m.applied_bytes.labels(vol).inc(n)
+            self._counter(vol, None).inc(n)
+
+    def _counter(self, vol: str, op: str | None) -> Any:
+        """The applied-events (per op) or applied-bytes (op None) child: labels() once, not per record."""
+        c = self._counters.get((vol, op))
+        if c is None:
+            c = self._counters[(vol, op)] = self.m.applied_events.labels(vol, op) if op else self.m.applied_bytes.labels(vol)
+        return c
 
     def _cleared(self, ev: Event) -> None:
         """A record for a quarantined path applied after all: it is no longer quarantined."""

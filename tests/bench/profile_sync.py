@@ -29,6 +29,8 @@ try:
     t0 = time.monotonic()
     s.source.start(wait_ready=False)
     spies = []
+    if os.environ.get("STRACE"):  # STRACE=1: syscall counts and times of the mirror to /tmp/strace-mirror.txt
+        spies.append(subprocess.Popen(["strace", "-c", "-f", "-o", "/tmp/strace-mirror.txt", "-p", str(m.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     if SPY:
         time.sleep(1.0)
         for a in (s.source, m):

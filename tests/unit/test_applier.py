@@ -183,3 +183,30 @@ def test_without_syncfs_every_file_is_fsynced(tmp_path, monkeypatch):
     finally:
         a.close()
     assert len(fsyncs) >= 10
+
+
+def small(path, data, mode=0o640, mtime_ns=5_000_000_000):
+    from daemon.blocks import file_root
+
+    h = block_hash(data)
+    return mk("file", path=path, size=len(data), mode=mode, mtime_ns=mtime_ns, hash=h.hex(),
+              root=file_root(h if data else b"", len(data)).hex(), bs=BS, payload=data)
+
+
+def test_a_whole_file_replaces_whatever_holds_its_path_or_a_parent(ap, tmp_path):
+    """The one-syscall create path of a small file falls back to the general one when something is
+    there: a longer file (truncated), a fifo, a directory's place taken by a file, a missing parent."""
+    vr = tmp_path / "root" / "v"
+    vr.mkdir(parents=True)
+    (vr / "longer").write_bytes(b"x" * 5000)
+    os.mkfifo(vr / "fifo")
+    (vr / "notadir").write_bytes(b"file where a directory must be")
+    run(ap, [small("new", b"n" * 10), small("longer", b"short"), small("fifo", b"was a fifo"),
+             small("notadir/inner", b"inner"), small("a/b/c/deep", b"deep"), small("empty", b"")])
+    assert (vr / "new").read_bytes() == b"n" * 10
+    assert (vr / "longer").read_bytes() == b"short"
+    assert (vr / "fifo").read_bytes() == b"was a fifo"
+    assert (vr / "notadir" / "inner").read_bytes() == b"inner"
+    assert (vr / "a/b/c/deep").read_bytes() == b"deep"
+    assert (vr / "empty").read_bytes() == b"" and (vr / "new").stat().st_mode & 0o7777 == 0o640
+    assert (vr / "new").stat().st_mtime_ns == 5_000_000_000
