@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-deps
 
-.PHONY: run test test-faults test-unit deps venv kafka-fetch kafka-start kafka-stop bench bench-quick clean
+.PHONY: run test test-faults test-unit deps venv kafka-fetch kafka-start kafka-stop bench bench-quick bench-kafka clean
 
 deps:
 	@bash deploy/setup/debian-deps.sh test
@@ -54,6 +54,10 @@ bench: deps venv kafka-fetch
 bench-quick: deps venv kafka-fetch
 	@bash deploy/setup/debian-deps.sh bench
 	@$(PY) tests/bench/run.py --scale quick $(BENCH_ARGS)
+
+# aiokafka vs confluent-kafka (librdkafka, own venv in build/) publishing 1 MiB records to one partition.
+bench-kafka: deps venv kafka-fetch
+	@$(PY) tests/bench/kafka_clients.py
 
 kafka-start: kafka-fetch
 	@bash deploy/kafka/kafka.sh start

@@ -56,8 +56,10 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-async def ensure_topics(kc: KafkaConfig, topics: Iterable[str], *, timeout: float = 60.0) -> None:
-    """Create the topics that are missing (partitions, replication, retention from config).
+async def ensure_topics(kc: KafkaConfig, topics: Iterable[str], *, timeout: float = 60.0) -> int:
+    """Create the topics that are missing (partitions, replication, retention from config); returns
+    the smallest ``max.message.bytes`` of the topics (:data:`MAX_RECORD` for those it created or
+    could not describe), which bounds the producer's batches (:func:`batch_bytes`).
 
     Raises TransientError if the cluster cannot be reached in ``timeout`` and PermanentError if it
     refuses to create a topic (with the broker's reason), so the agent can stop with a clear message.
@@ -93,34 +95,47 @@ async def ensure_topics(kc: KafkaConfig, topics: Iterable[str], *, timeout: floa
                     msg = rest[0] if rest and rest[0] else f"error code {code}"
                     raise PermanentError(f"cannot create topic {name!r}: {msg}")
             log.info("created topic(s) %s (replication factor %d)", missing, rf, extra={"topic": ",".join(missing)})
-        await _check_topic_limits(admin, [t for t in wanted if t in existing])
+        return await _check_topic_limits(admin, [t for t in wanted if t in existing])
     finally:
         await admin.close()
 
 
-async def _check_topic_limits(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
-    """An existing topic whose max.message.bytes is too small for a 1 MiB block is a setup error."""
+def batch_bytes(max_message_bytes: int) -> int:
+    """The producer batch size for topics taking records of up to ``max_message_bytes``: as large
+    as they allow (aiokafka keeps one request in flight per broker, so a request carries several
+    1 MiB blocks), with 64 KiB of room for batch and record headers."""
+    return max(1024 * 1024, min(max_message_bytes, MAX_RECORD) - 64 * 1024)
+
+
+async def _check_topic_limits(admin: AIOKafkaAdminClient, topics: list[str]) -> int:
+    """An existing topic whose max.message.bytes is too small for a 1 MiB block is a setup error.
+    Returns the smallest max.message.bytes found (MAX_RECORD if none)."""
+    smallest = MAX_RECORD
     if not topics:
-        return
+        return smallest
     try:
         resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
     except KafkaError as e:  # not fatal: the producer will report oversized records anyway
-        log.warning("could not check topic configs: %s", _describe(e))
-        return
+        log.warning("could not check topic configs: %s; producer batches of 1 MiB", _describe(e))
+        return 1024 * 1024 + 64 * 1024
     for r in resp:
         for _code, _msg, _rtype, name, entries in r.resources:
             for entry in entries:
-                if entry[0] == "max.message.bytes" and entry[1] is not None and int(entry[1]) < 1024 * 1024 + 64 * 1024:
-                    raise PermanentError(
-                        f"topic {name!r} has max.message.bytes={entry[1]}; volmirror needs at least "
-                        f"{1024 * 1024 + 64 * 1024} for 1 MiB blocks (set it to {MAX_RECORD})"
-                    )
+                if entry[0] == "max.message.bytes" and entry[1] is not None:
+                    if int(entry[1]) < 1024 * 1024 + 64 * 1024:
+                        raise PermanentError(
+                            f"topic {name!r} has max.message.bytes={entry[1]}; volmirror needs at least "
+                            f"{1024 * 1024 + 64 * 1024} for 1 MiB blocks (set it to {MAX_RECORD})"
+                        )
+                    smallest = min(smallest, int(entry[1]))
+    return smallest
 
 
 class Producer:
     """Idempotent, acks=all, compressed producer. ``send`` returns a future resolved on ack."""
 
-    def __init__(self, kc: KafkaConfig) -> None:
+    def __init__(self, kc: KafkaConfig, *, max_batch: int = 1024 * 1024) -> None:
+        """``max_batch``: bytes per producer batch (:func:`batch_bytes` of the topics' limit)."""
         self.kc = kc
         comp = None if kc.compression == "none" else kc.compression
         self._p = AIOKafkaProducer(
@@ -129,7 +144,7 @@ class Producer:
             enable_idempotence=True,
             compression_type=comp,
             max_request_size=MAX_RECORD,
-            max_batch_size=1024 * 1024,
+            max_batch_size=max_batch,
             linger_ms=5,
         )
         self._started = False
@@ -297,6 +312,7 @@ __all__ = [
     "Consumer",
     "MAX_RECORD",
     "Producer",
+    "batch_bytes",
     "Record",
     "ensure_topics",
     "send_raw",

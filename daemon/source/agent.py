@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, ConfigError, VolumeConfig
 from ..store.source_index import SeqAllocator
 from ..errors import RejectedEvent, VolmirrorError
-from ..kafka import Consumer, Producer, ensure_topics
+from ..kafka import MAX_RECORD, Consumer, Producer, batch_bytes, ensure_topics
 from ..metrics import HttpServer, SourceMetrics
 from ..runtime import StopSignal, periodic, retry_transient, sd_notify, supervise, write_snapshot
 from .control import dispatch, parse_request
@@ -68,9 +68,15 @@ class SourceAgent:
             await http.start()
         except OSError as e:
             raise ConfigError("metrics.listen", f"cannot listen on {self.cfg.metrics.listen}: {e.strerror}") from None
-        producer = Producer(kc)
+        limit = MAX_RECORD
+
+        async def topics() -> None:
+            nonlocal limit
+            limit = await ensure_topics(kc, [kc.topic, kc.control_topic])
+
+        await retry_transient("creating Kafka topics", topics, self.stop.event)
+        producer = Producer(kc, max_batch=batch_bytes(limit))
         try:
-            await retry_transient("creating Kafka topics", lambda: ensure_topics(kc, [kc.topic, kc.control_topic]), self.stop.event)
             await retry_transient("connecting the producer", producer.start, self.stop.event)
             self.m.kafka_connected.set(1)
             self.pub = Publisher(producer, kc.topic, self.seqs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from ..blocks import HASH_LEN, block_hash, file_root
 from ..config import VolumeConfig
@@ -59,12 +59,16 @@ def close_reader(gen: Iterator[Any]) -> None:
 
 
 class Examiner:
-    def __init__(self, vol: VolumeConfig, publisher: Publisher, mark_children: Callable[[str], None]) -> None:
+    def __init__(self, vol: VolumeConfig, publisher: Publisher, mark_children: Callable[[str], None],
+                 between_segments: Callable[[Batch, str], Awaitable[None]] | None = None) -> None:
+        """``between_segments(b, path)``: awaited between two segments of a large file being sent
+        (the priority lane publishes live changes there, into the same batch)."""
         self.vol = vol
         self.name = vol.name
         self.root = str(vol.path)
         self.pub = publisher
         self.mark_children = mark_children
+        self.between_segments = between_segments
 
     def _abs(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -210,6 +214,8 @@ class Examiner:
                         b.payload_bytes += blk.length
                     blocks_changed = True
                 b.blocks["unchanged"] += seg.unchanged
+                if not seg.last and self.between_segments is not None:
+                    await self.between_segments(b, path)
         except FileChangedError:
             forget_blocks(b, path, b.sent_blocks.get(path, set()))
             raise

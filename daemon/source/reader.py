@@ -17,7 +17,7 @@ from typing import Iterator
 from ..blocks import Block, block_hash, changed, is_zero
 from ..errors import FileChangedError, VolmirrorError, os_error
 
-SEGMENT_BYTES = 32 * 1024 * 1024
+SEGMENT_BYTES = 8 * 1024 * 1024  # read, checked and sent per thread hop; live changes may go between two
 PREFETCH_BYTES = 16 * 1024 * 1024  # content read ahead per :func:`prefetch` call
 
 

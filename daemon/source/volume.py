@@ -71,7 +71,8 @@ class VolumeWorker:
         self.doubt = InDoubt()
         self.gate = StartupGate()
         self.unprotected = Unprotected()
-        self.examiner = Examiner(vol, publisher, self._mark_children)
+        self.examiner = Examiner(vol, publisher, self._mark_children, self._serve_live)
+        self._serving_live = False
         self.renames: deque[tuple[str | None, str | None, bool]] = deque()
         self.checkpoints: deque[str | None] = deque()
         self.listings: deque[str] = deque()
@@ -314,6 +315,26 @@ class VolumeWorker:
             for path, mark in taken[done:]:
                 self.mark(path, force=mark.force, delay=0.0)
             raise
+
+    async def _serve_live(self, b: Batch, current: str) -> None:
+        """Priority lane inside a large file: between two of its segments, the live changes that
+        are due are examined into the same batch (their records go out now, not after the rest of
+        the file; the batch settles as usual)."""
+        if self._serving_live:
+            return
+        live = [p for p in self.dirty.live_due(time.monotonic()) if p != current]
+        if not live:
+            return
+        self._serving_live = True
+        try:
+            for path in live:
+                mark = self.dirty.pop(path)
+                if mark is None:
+                    continue
+                b.paths.append(path)
+                await self._examine(b, path, mark.force)
+        finally:
+            self._serving_live = False
 
     def _unchanged_since(self, path: str, st: Stat) -> bool:
         """True if ``path`` still has the size, mtime, ctime, inode and mode of ``st``."""

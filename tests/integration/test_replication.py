@@ -264,3 +264,27 @@ def test_source_sigkill_mid_stream_loses_nothing(setup_factory):
         f.write(b"edited while the source was dead")
     s.source.start()
     wait_converged(v, s.mirror_path(), timeout=60, agents=[s.source, m])
+
+
+def test_batches_fit_a_topic_created_with_a_smaller_record_limit(setup_factory, kafka_bootstrap, topic):
+    """The source sizes its producer batches to the smallest max.message.bytes of its topics: on a
+    topic an operator created with 1.2 MiB (the least volmirror accepts is 1 MiB + 64 KiB), several
+    1 MiB blocks must not be packed into one batch the broker refuses."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    async def create() -> None:
+        adm = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await adm.start()
+        try:
+            await adm.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": str(1200 * 1024)})])
+        finally:
+            await adm.close()
+
+    asyncio.run(create())
+    s = setup_factory()
+    v = s.src["vol1"]
+    (v / "big.bin").write_bytes(os.urandom(24 * MiB))  # incompressible: batches are as large as their records
+    s.source.start()
+    m = s.add_mirror().start()
+    wait_converged(v, s.mirror_path(), timeout=90, agents=[s.source, m])
+    assert "MessageSizeTooLarge" not in s.source.log_tail(200)

@@ -492,3 +492,32 @@ async def test_a_batch_failing_inside_a_group_loses_none_of_the_group(env, monke
     assert len(w.dirty) == 0 and len(w.doubt) == 0
     for n in names:
         assert env.sink.files("v", n)[-1].payload == n.encode() * 10
+
+
+async def test_a_live_change_goes_out_in_the_middle_of_a_large_file(env, monkeypatch):
+    """Priority lane inside a file: a change made while a large file is being sent is published
+    between two of its segments, before the file's manifest, not after the whole file."""
+    import daemon.source.reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "SEGMENT_BYTES", 1024 * 1024)
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    (w.vol.path / "big").write_bytes(os.urandom(40 * 1024 * 1024))
+    (w.vol.path / "live").write_bytes(b"urgent")
+    real_send = env.sink.send
+
+    async def send(topic, key, value):
+        fut = await real_send(topic, key, value)
+        ev = env.sink.events[-1]
+        if ev.op == "block" and ev.path == "big" and ev["off"] == 0:
+            w.mark("live", force=True)  # as the watcher does, while the file is being sent
+        await asyncio.sleep(0.001)  # a broker that takes its time
+        return fut
+
+    env.sink.send = send
+    w.scan_found([], ["big"], {})
+    await until(lambda: {"big", "live"} <= set(committed(env.state, "v")), timeout=60, what="both committed")
+    live = env.sink.files("v", "live")[0].seq
+    big_manifest = env.sink.ops("v", "manifest", "big")[-1].seq
+    first_block = env.sink.ops("v", "block", "big")[0].seq
+    assert first_block < live < big_manifest, (first_block, live, big_manifest)
