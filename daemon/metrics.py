@@ -52,6 +52,11 @@ class SourceMetrics(CommonMetrics):
         self.published_events = Counter(
             "volmirror_source_published_events_total", "Events acknowledged by Kafka, by op", ["volume", "op"], registry=registry
         )
+        self.paced = Counter(
+            "volmirror_source_backlog_paced_seconds_total",
+            "Seconds a backlog (initial sync, rescan) waited because the fastest mirror was too far behind (live changes never wait)",
+            ["volume"], registry=registry,
+        )
         self.pending_files = Gauge(
             "volmirror_source_pending_files", "Paths waiting to be hashed and published", ["volume"], registry=registry
         )
@@ -139,6 +144,7 @@ class SourceMetrics(CommonMetrics):
             self.blocks.labels(vol, r)
         self.published_bytes.labels(vol)
         self.pending_files.labels(vol)
+        self.paced.labels(vol)
         self.scan_duration.labels(vol)
         self.torn_reads.labels(vol)
         self.watch_ok.labels(vol)

@@ -36,6 +36,7 @@ from .consumer import ApplyActor, Faults
 log = logging.getLogger("volmirror.mirror")
 
 DURABLE_BYTES = 64 * 1024 * 1024
+POSITION_INTERVAL = 0.25  # seconds between position reports to the sources (while a volume moves)
 MAX_VOLUME_LABELS = 256
 VERIFY_WAIT = 60.0
 
@@ -56,6 +57,7 @@ class MirrorAgent:
         self.kafka_ok = False
         self._labels_lock = threading.Lock()
         self.faults = faults
+        self._reported: dict[str, tuple[str, int]] = {}  # volume → last position reported to the sources
         self.outbox: deque[dict] = deque()  # control requests queued by the actor (thread-safe appends)
         self._last_durable = time.monotonic()
         self._pending_commit: dict[tuple[str, int], int] = {}
@@ -131,6 +133,7 @@ class MirrorAgent:
             self.stop,
             self._consume(),
             periodic(1.0, self._update_lag, name="lag"),
+            periodic(POSITION_INTERVAL, self._report_positions, name="positions"),
             periodic(5.0, self._probe, name="probe"),
             periodic(5.0, lambda: write_snapshot(self.mc.state_dir, self.status()), name="snapshot"),
         )
@@ -241,6 +244,20 @@ class MirrorAgent:
                 log.warning("cannot send control request: %s", e)
         if futs:
             await asyncio.gather(*futs, return_exceptions=True)
+
+    async def _report_positions(self) -> None:
+        """Tell the sources how far this site has applied each volume (only when it moved): they
+        pace an initial sync to the fastest site, so live changes do not queue behind it."""
+        topic = self.cfg.kafka.control_topic
+        for vol, s in self.actor.snap.items():
+            if not s.epoch or s.seq < 0 or not self.mirrored(vol) or self._reported.get(vol) == (s.epoch, s.seq):
+                continue
+            req = {"type": "position", "vol": vol, "epoch": s.epoch, "seq": s.seq, "site": self.mc.group_id, "ts": time.time()}
+            try:
+                await self.producer.send(topic, key_for(vol), json.dumps(req).encode())  # not awaited: best effort
+                self._reported[vol] = (s.epoch, s.seq)
+            except Exception as e:  # noqa: BLE001 - without reports the source simply does not pace
+                log.debug("cannot send position report: %s", e)
 
     async def _scrub(self) -> None:
         rate = self.mc.scrub_rate_mib * 1024 * 1024

@@ -8,6 +8,9 @@ Mirrors never connect to the source host; they write small JSON requests to ``<t
   checkpoint disagreed), so the mirror can name the paths that differ.
 * ``{"type": "resync_file", "vol": V, "path": P, "hashes": H | null}`` — P drifted on a mirror; H
   is the mirror's block hashes (hex), so only blocks that differ are sent, then a manifest.
+* ``{"type": "position", "vol": V, "epoch": E, "seq": S, "site": G}`` — how far site G has applied
+  V's stream (sent every 0.5 s while it moves): the source paces a backlog to the fastest site, so
+  live changes never queue behind minutes of initial sync in the partition (the priority lane).
 
 Anything malformed, or for a volume this source does not own, is counted and ignored.
 """
@@ -35,9 +38,14 @@ def parse_request(value: bytes | None) -> dict[str, Any]:
     if not isinstance(req, dict):
         raise RejectedEvent("bad_schema", "control record is not an object")
     typ, vol = req.get("type"), req.get("vol")
-    if typ not in ("checkpoint", "listing", "resync_file") or not isinstance(vol, str):
+    if typ not in ("checkpoint", "listing", "resync_file", "position") or not isinstance(vol, str):
         raise RejectedEvent("bad_schema", f"unknown control request {typ!r}")
-    if typ in ("checkpoint", "listing"):
+    if typ == "position":
+        epoch, seq, site = req.get("epoch"), req.get("seq"), req.get("site")
+        if not isinstance(epoch, str) or not 1 <= len(epoch) <= 64 or isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 \
+                or not isinstance(site, str) or not 1 <= len(site) <= 256:
+            raise RejectedEvent("bad_schema", "position needs epoch, seq >= 0 and site")
+    elif typ in ("checkpoint", "listing"):
         nonce = req.get("nonce")
         if typ == "listing" and not isinstance(nonce, str):
             raise RejectedEvent("bad_schema", "listing request needs a nonce")
@@ -61,6 +69,9 @@ def dispatch(req: Mapping[str, Any], workers: Mapping[str, Any]) -> bool:
     w = workers.get(req["vol"])
     if w is None:
         return False
+    if req["type"] == "position":
+        w.mirror_position(req["site"], req["epoch"], req["seq"])
+        return True  # twice a second per site: not logged
     if req["type"] == "resync_file":
         w.resync(req["path"], req.get("hashes"))
     else:

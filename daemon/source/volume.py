@@ -44,6 +44,9 @@ CONTROL_RETRY = 5.0  # seconds before a failed checkpoint/listing is tried again
 STATE_BACKOFF = 10.0  # cap of the retry delay while state_dir cannot be written (space may return any time)
 KAFKA_BACKOFF = 30.0
 PREFETCH_PATHS = 64  # due paths popped, lstat'ed and (small files) read per thread hop
+PACE_RECORDS = 256  # a backlog waits while the fastest mirror is more records than this behind ...
+PACE_STALE = 5.0  # ... by a position report younger than this (no fresh report: no pacing)
+PACE_SLICE = 2.0  # longest single wait before one more group goes anyway (renames, checkpoints run)
 
 
 class VolumeWorker:
@@ -73,6 +76,7 @@ class VolumeWorker:
         self.unprotected = Unprotected()
         self.examiner = Examiner(vol, publisher, self._mark_children, self._serve_live)
         self._serving_live = False
+        self.mirrors: dict[str, tuple[float, str, int]] = {}  # site → (report time, epoch, seq applied)
         self.renames: deque[tuple[str | None, str | None, bool]] = deque()
         self.checkpoints: deque[str | None] = deque()
         self.listings: deque[str] = deque()
@@ -199,6 +203,7 @@ class VolumeWorker:
             "listings_waiting": len(self.listings),
             "last_published": self.last_published or None,
             "sync": self.progress.snapshot(),
+            "mirror_behind_records": self.mirror_behind(),
         }
 
     # -- main loop --------------------------------------------------------------------------------
@@ -252,10 +257,15 @@ class VolumeWorker:
         try:
             self._b = self._batch()
             for i in range(0, len(due), PREFETCH_PATHS):
-                if self._b.paths and not self.dirty.is_live(due[i]) and self.dirty.live_due(time.monotonic()):
+                if not self.dirty.is_live(due[i]) and self._ahead():
+                    if self._b.paths:
+                        await self._next_batch()
+                    await self._pace(None)
+                if not self.dirty.is_live(due[i]) and self.dirty.live_due(time.monotonic()):
                     # priority lane: live changes overtake a backlog (initial sync, rescan); the
                     # batch so far goes now, the live ones in their own batch, then the backlog
-                    await self._next_batch()
+                    if self._b.paths:
+                        await self._next_batch()
                     await self._take(self.dirty.live_due(time.monotonic()))
                     await self._next_batch()
                 await self._take(due[i : i + PREFETCH_PATHS])
@@ -316,7 +326,46 @@ class VolumeWorker:
                 self.mark(path, force=mark.force, delay=0.0)
             raise
 
-    async def _serve_live(self, b: Batch, current: str) -> None:
+    # -- pacing: a backlog never runs far ahead of the fastest mirror ----------------------------
+    def mirror_position(self, site: str, epoch: str, seq: int) -> None:
+        """A mirror site's report of how far it has applied this volume's stream."""
+        self.mirrors[site] = (time.monotonic(), epoch, seq)
+
+    def mirror_behind(self) -> int | None:
+        """Records the fastest mirror with a fresh report is behind what was published (None: no
+        fresh report of this epoch)."""
+        now = time.monotonic()
+        seen = [seq for t, ep, seq in self.mirrors.values() if now - t < PACE_STALE and ep == self.pub.seqs.epoch]
+        if not seen:
+            return None
+        return self.pub.seqs.last(self.name) - max(seen)
+
+    def _ahead(self) -> bool:
+        behind = self.mirror_behind()
+        return behind is not None and behind > PACE_RECORDS
+
+    async def _pace(self, b: Batch | None, current: str | None = None) -> None:
+        """Hold a backlog while the fastest mirror is far behind: records published now would only
+        queue in the partition, in front of any live change. Live changes due meanwhile are
+        published (into ``b`` inside a file, else in their own batch by the caller's lane)."""
+        if not self._ahead():
+            return
+        t0 = last = time.monotonic()
+        paced = self.m.paced.labels(self.name)
+        try:
+            while self._ahead() and last - t0 < PACE_SLICE:
+                if b is not None and current is not None:
+                    await self._serve_live(b, current, pace=False)
+                elif self.dirty.live_due(time.monotonic()):
+                    return  # the caller's priority lane serves them, then paces again
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                paced.inc(now - last)  # as it goes: a long hold shows on the dashboard while it lasts
+                last = now
+        finally:
+            paced.inc(time.monotonic() - last)
+
+    async def _serve_live(self, b: Batch, current: str, *, pace: bool = True) -> None:
         """Priority lane inside a large file: between two of its segments, the live changes that
         are due are examined into the same batch (their records go out now, not after the rest of
         the file; the batch settles as usual)."""
@@ -324,6 +373,8 @@ class VolumeWorker:
             return
         live = [p for p in self.dirty.live_due(time.monotonic()) if p != current]
         if not live:
+            if pace:
+                await self._pace(b, current)
             return
         self._serving_live = True
         try:
@@ -335,6 +386,8 @@ class VolumeWorker:
                 await self._examine(b, path, mark.force)
         finally:
             self._serving_live = False
+        if pace:
+            await self._pace(b, current)
 
     def _unchanged_since(self, path: str, st: Stat) -> bool:
         """True if ``path`` still has the size, mtime, ctime, inode and mode of ``st``."""

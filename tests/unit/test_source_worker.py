@@ -521,3 +521,45 @@ async def test_a_live_change_goes_out_in_the_middle_of_a_large_file(env, monkeyp
     big_manifest = env.sink.ops("v", "manifest", "big")[-1].seq
     first_block = env.sink.ops("v", "block", "big")[0].seq
     assert first_block < live < big_manifest, (first_block, live, big_manifest)
+
+
+async def test_a_backlog_is_paced_to_the_fastest_mirror_and_live_changes_still_go(env, monkeypatch):
+    """With a mirror reporting it is far behind, the initial sync holds (records would only queue
+    in the partition in front of live changes) while a live change is still published; when the
+    mirror catches up the backlog goes on, and a mirror that stops reporting stops the pacing."""
+    import daemon.source.volume as volume_mod
+
+    monkeypatch.setattr(volume_mod, "PACE_STALE", 1.5)
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"b{i:04d}" for i in range(1500)]
+    for n in names:
+        (w.vol.path / n).write_bytes(n.encode())
+    epoch = env.seqs.epoch
+    start = env.seqs.last("v")
+    w.mirror_position("site-a", epoch, start)  # a mirror that has applied nothing of this backlog
+    w.mirror_position("site-b", "another-epoch", 10**9)  # a report of another epoch counts for nothing
+    w.scan_found([], names, {})
+    await asyncio.sleep(1.0)
+    sent = len(env.sink.files("v"))
+    assert 0 < sent <= volume_mod.PACE_RECORDS + 2 * volume_mod.PREFETCH_PATHS, f"{sent} files published past a mirror that is behind"
+    assert env.metric("volmirror_source_backlog_paced_seconds_total", volume="v") > 0.5
+    assert w.status()["mirror_behind_records"] > volume_mod.PACE_RECORDS
+    (w.vol.path / "live").write_bytes(b"urgent")
+    w.mark("live", force=True)
+    w.mirror_position("site-a", epoch, start)  # still behind
+    await until(lambda: env.sink.files("v", "live"), timeout=3, what="the live change, published while the backlog waits")
+    assert len(env.sink.files("v")) < 1500
+    for _ in range(100):  # the mirror catches up, report by report
+        w.mirror_position("site-a", epoch, env.seqs.last("v"))
+        if len(committed(env.state, "v")) == 1501:
+            break
+        await asyncio.sleep(0.05)
+    assert len(committed(env.state, "v")) == 1501
+    # a mirror that stops reporting (gone, or caught up and idle) does not hold anything back
+    more = [f"c{i:04d}" for i in range(600)]
+    for n in more:
+        (w.vol.path / n).write_bytes(n.encode())
+    w.mirror_position("site-a", epoch, env.seqs.last("v"))
+    w.scan_found([], more, {})
+    await until(lambda: len(committed(env.state, "v")) == 2101, timeout=15, what="the backlog, once the report is stale")
