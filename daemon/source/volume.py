@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,9 +45,19 @@ CONTROL_RETRY = 5.0  # seconds before a failed checkpoint/listing is tried again
 STATE_BACKOFF = 10.0  # cap of the retry delay while state_dir cannot be written (space may return any time)
 KAFKA_BACKOFF = 30.0
 PREFETCH_PATHS = 64  # due paths popped, lstat'ed and (small files) read per thread hop
-PACE_RECORDS = 256  # a backlog waits while the fastest mirror is more records than this behind ...
+PACE_SECONDS = 0.5  # a backlog waits while the fastest mirror has more than this much work queued ...
 PACE_STALE = 5.0  # ... by a position report younger than this (no fresh report: no pacing)
+PACE_MIN_RATE = 4 * 1024 * 1024  # bytes/s assumed of a mirror whose apply rate is not measured yet
 PACE_SLICE = 2.0  # longest single wait before one more group goes anyway (renames, checkpoints run)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorReport:
+    t: float  # when it arrived (monotonic)
+    epoch: str
+    seq: int  # applied up to here
+    behind: int | None  # bytes published after seq when it arrived (None: unknown)
+    rate: float | None  # bytes/s the site applies when busy (EWMA; None: not measured yet)
 
 
 class VolumeWorker:
@@ -76,7 +87,7 @@ class VolumeWorker:
         self.unprotected = Unprotected()
         self.examiner = Examiner(vol, publisher, self._mark_children, self._serve_live)
         self._serving_live = False
-        self.mirrors: dict[str, tuple[float, str, int]] = {}  # site → (report time, epoch, seq applied)
+        self.mirrors: dict[str, MirrorReport] = {}  # site → its last position report
         self.renames: deque[tuple[str | None, str | None, bool]] = deque()
         self.checkpoints: deque[str | None] = deque()
         self.listings: deque[str] = deque()
@@ -203,7 +214,7 @@ class VolumeWorker:
             "listings_waiting": len(self.listings),
             "last_published": self.last_published or None,
             "sync": self.progress.snapshot(),
-            "mirror_behind_records": self.mirror_behind(),
+            "fastest_mirror_behind": self.mirror_behind(),
         }
 
     # -- main loop --------------------------------------------------------------------------------
@@ -328,21 +339,37 @@ class VolumeWorker:
 
     # -- pacing: a backlog never runs far ahead of the fastest mirror ----------------------------
     def mirror_position(self, site: str, epoch: str, seq: int) -> None:
-        """A mirror site's report of how far it has applied this volume's stream."""
-        self.mirrors[site] = (time.monotonic(), epoch, seq)
-
-    def mirror_behind(self) -> int | None:
-        """Records the fastest mirror with a fresh report is behind what was published (None: no
-        fresh report of this epoch)."""
+        """A mirror site's report of how far it has applied this volume's stream. Its apply rate
+        (bytes/s) is measured between two reports that both found it behind (busy all along)."""
         now = time.monotonic()
-        seen = [seq for t, ep, seq in self.mirrors.values() if now - t < PACE_STALE and ep == self.pub.seqs.epoch]
-        if not seen:
+        sent = self.pub.sent.get(self.name)
+        behind = sent.after(seq) if sent is not None and epoch == self.pub.seqs.epoch else None
+        old = self.mirrors.get(site)
+        rate = old.rate if old is not None and old.epoch == epoch else None
+        if old is not None and old.behind and behind and seq > old.seq and now > old.t and sent is not None:
+            done = (sent.after(old.seq) or 0) - behind
+            if done > 0:
+                r = done / (now - old.t)
+                rate = r if rate is None else 0.7 * rate + 0.3 * r
+        self.mirrors[site] = MirrorReport(now, epoch, seq, behind, rate)
+
+    def mirror_behind(self) -> dict[str, float] | None:
+        """The fastest mirror with a fresh report of this epoch: records and bytes it has still to
+        apply, and the seconds that takes at its measured rate (None: no fresh report)."""
+        now = time.monotonic()
+        fresh = [r for r in self.mirrors.values() if now - r.t < PACE_STALE and r.epoch == self.pub.seqs.epoch]
+        if not fresh:
             return None
-        return self.pub.seqs.last(self.name) - max(seen)
+        best = max(fresh, key=lambda r: r.seq)
+        sent = self.pub.sent.get(self.name)
+        nbytes = sent.after(best.seq) if sent is not None else 0
+        nbytes = 0 if nbytes is None else nbytes
+        return {"records": self.pub.seqs.last(self.name) - best.seq, "bytes": nbytes,
+                "seconds": round(nbytes / max(best.rate or 0.0, PACE_MIN_RATE), 3), "rate_bytes_per_s": round(best.rate or 0.0)}
 
     def _ahead(self) -> bool:
-        behind = self.mirror_behind()
-        return behind is not None and behind > PACE_RECORDS
+        b = self.mirror_behind()
+        return b is not None and b["seconds"] > PACE_SECONDS
 
     async def _pace(self, b: Batch | None, current: str | None = None) -> None:
         """Hold a backlog while the fastest mirror is far behind: records published now would only
