@@ -45,9 +45,10 @@ CONTROL_RETRY = 5.0  # seconds before a failed checkpoint/listing is tried again
 STATE_BACKOFF = 10.0  # cap of the retry delay while state_dir cannot be written (space may return any time)
 KAFKA_BACKOFF = 30.0
 PREFETCH_PATHS = 64  # due paths popped, lstat'ed and (small files) read per thread hop
-PACE_SECONDS = 0.5  # a backlog waits while the fastest mirror has more than this much work queued ...
+PACE_SECONDS = 0.75  # while live changes come (the last within PACE_LIVE_WINDOW), a backlog waits
+PACE_LIVE_WINDOW = 10.0  # while the fastest mirror has more than PACE_SECONDS of work queued ...
 PACE_STALE = 5.0  # ... by a position report younger than this (no fresh report: no pacing)
-PACE_MIN_RATE = 4 * 1024 * 1024  # bytes/s assumed of a mirror whose apply rate is not measured yet
+PACE_MIN_RATE = 16 * 1024 * 1024  # bytes/s assumed of a mirror whose apply rate is not measured yet
 PACE_SLICE = 2.0  # longest single wait before one more group goes anyway (renames, checkpoints run)
 
 
@@ -88,6 +89,8 @@ class VolumeWorker:
         self.examiner = Examiner(vol, publisher, self._mark_children, self._serve_live)
         self._serving_live = False
         self.mirrors: dict[str, MirrorReport] = {}  # site → its last position report
+        self._last_live = -1e9  # when the last live change was marked (monotonic)
+        self._examining_live = False  # the path being examined was a live change
         self.renames: deque[tuple[str | None, str | None, bool]] = deque()
         self.checkpoints: deque[str | None] = deque()
         self.listings: deque[str] = deque()
@@ -122,7 +125,10 @@ class VolumeWorker:
             return False
         if self.vol.is_excluded(path) and (self.index is None or self.index.get(self.name, path) is None):
             return False
-        self.dirty.mark(path, time.monotonic(), force=force, delay=delay)
+        now = time.monotonic()
+        self.dirty.mark(path, now, force=force, delay=delay)
+        if delay is None:
+            self._last_live = now
         self.m.pending_files.labels(self.name).set(len(self.dirty))
         self._wake.set()
         return True
@@ -311,6 +317,7 @@ class VolumeWorker:
 
         Their marks are popped first, then one thread call lstats them and reads the small files
         (:func:`~daemon.source.reader.prefetch`): a change after that read marks a path again."""
+        live = {p for p in paths if self.dirty.is_live(p)}
         taken = [(p, m) for p in paths if (m := self.dirty.pop(p)) is not None]
         if not taken:
             return
@@ -329,7 +336,11 @@ class VolumeWorker:
                     # group found new): examined now, with what was read only if it is unchanged
                     force = force or again.force
                     p = p if p is not None and p.st is not None and self._unchanged_since(path, p.st) else None
-                await self._examine(self._b, path, force, p)
+                self._examining_live = path in live
+                try:
+                    await self._examine(self._b, path, force, p)
+                finally:
+                    self._examining_live = False
                 if self._b.full:
                     await self._next_batch()
         except BaseException:
@@ -368,6 +379,8 @@ class VolumeWorker:
                 "seconds": round(nbytes / max(best.rate or 0.0, PACE_MIN_RATE), 3), "rate_bytes_per_s": round(best.rate or 0.0)}
 
     def _ahead(self) -> bool:
+        if time.monotonic() - self._last_live > PACE_LIVE_WINDOW:
+            return False  # nobody is writing: nothing to keep fast, the backlog goes at full speed
         b = self.mirror_behind()
         return b is not None and b["seconds"] > PACE_SECONDS
 
@@ -410,7 +423,11 @@ class VolumeWorker:
                 if mark is None:
                     continue
                 b.paths.append(path)
-                await self._examine(b, path, mark.force)
+                outer, self._examining_live = self._examining_live, True
+                try:
+                    await self._examine(b, path, mark.force)
+                finally:
+                    self._examining_live = outer
         finally:
             self._serving_live = False
         if pace:
@@ -612,8 +629,11 @@ class VolumeWorker:
             names = os.listdir(self.vol.path / path)
         except OSError:
             return
+        # the contents of a directory a live change created are live changes too (a backlog
+        # otherwise: a new directory's files would wait behind a whole initial sync)
+        delay = None if self._examining_live else 0
         for n in names:
-            self.mark(f"{path}/{n}", force=True, delay=0)
+            self.mark(f"{path}/{n}", force=True, delay=delay)
 
     # -- renames --------------------------------------------------------------------------------
     def _renames_to_marks(self) -> None:

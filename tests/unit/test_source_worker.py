@@ -534,38 +534,50 @@ async def test_a_backlog_is_paced_to_the_fastest_mirror_and_live_changes_still_g
     await until(lambda: w.index, what="index open")
     names = [f"b{i:04d}" for i in range(1500)]
     for n in names:
-        (w.vol.path / n).write_bytes(os.urandom(8192))
+        (w.vol.path / n).write_bytes(os.urandom(16000))
     epoch = env.seqs.epoch
+    # nobody writing: a backlog goes at full speed, however far behind the mirror is
+    idle = [f"a{i:04d}" for i in range(300)]
+    for n in idle:
+        (w.vol.path / n).write_bytes(os.urandom(8192))
+    w.mirror_position("site-a", epoch, env.seqs.last("v"))
+    w.scan_found([], idle, {})
+    await until(lambda: len(committed(env.state, "v")) == 300, timeout=10, what="an unpaced backlog")
+    assert env.metric("volmirror_source_backlog_paced_seconds_total", volume="v") == 0
+    # live changes come: the next backlog holds while the mirror is behind
+    (w.vol.path / "first").write_bytes(b"a live change")
+    w.mark("first", force=False)
+    await until(lambda: env.sink.files("v", "first"), what="the first live change")
     start = env.seqs.last("v")
     w.mirror_position("site-a", epoch, start)  # a mirror that has applied nothing of this backlog
     w.mirror_position("site-b", "another-epoch", 10**9)  # a report of another epoch counts for nothing
     w.scan_found([], names, {})
     await asyncio.sleep(1.0)
-    sent = len(env.sink.files("v"))
+    sent = len(env.sink.files("v")) - 301
     # unmeasured rate: PACE_MIN_RATE; the hold starts past PACE_SECONDS of it, checked per group
-    window = volume_mod.PACE_SECONDS * volume_mod.PACE_MIN_RATE / 8192
+    window = volume_mod.PACE_SECONDS * volume_mod.PACE_MIN_RATE / 16000
     assert 0 < sent <= window + 2 * volume_mod.PREFETCH_PATHS, f"{sent} files published past a mirror that is behind"
     assert env.metric("volmirror_source_backlog_paced_seconds_total", volume="v") > 0.5
     behind = w.status()["fastest_mirror_behind"]
-    assert behind["records"] >= sent and behind["bytes"] > sent * 8192 and behind["seconds"] > volume_mod.PACE_SECONDS
+    assert behind["records"] >= sent and behind["bytes"] > sent * 16000 and behind["seconds"] > volume_mod.PACE_SECONDS
     (w.vol.path / "live").write_bytes(b"urgent")
     w.mark("live", force=True)
     w.mirror_position("site-a", epoch, start)  # still behind
     await until(lambda: env.sink.files("v", "live"), timeout=3, what="the live change, published while the backlog waits")
-    assert len(env.sink.files("v")) < 1500
+    assert len(env.sink.files("v")) < 1800
     for _ in range(200):  # the mirror catches up, report by report
         w.mirror_position("site-a", epoch, env.seqs.last("v"))
-        if len(committed(env.state, "v")) == 1501:
+        if len(committed(env.state, "v")) == 1802:
             break
         await asyncio.sleep(0.05)
-    assert len(committed(env.state, "v")) == 1501
+    assert len(committed(env.state, "v")) == 1802
     # a mirror that stops reporting (gone, or caught up and idle) does not hold anything back
     more = [f"c{i:04d}" for i in range(600)]
     for n in more:
         (w.vol.path / n).write_bytes(os.urandom(8192))
     w.mirror_position("site-a", epoch, env.seqs.last("v"))
     w.scan_found([], more, {})
-    await until(lambda: len(committed(env.state, "v")) == 2101, timeout=15, what="the backlog, once the report is stale")
+    await until(lambda: len(committed(env.state, "v")) == 2402, timeout=15, what="the backlog, once the report is stale")
 
 
 def test_sent_bytes_between_a_position_and_the_head():
@@ -576,3 +588,22 @@ def test_sent_bytes_between_a_position_and_the_head():
         s.add(seq, 100)
     assert s.after(19) == 0 and s.after(15) == 400 and s.after(9) == 1000 and s.after(3) is None
     assert s.after(25) == 0
+
+
+async def test_files_in_a_new_directory_made_during_a_backlog_overtake_it(env):
+    """A directory created (with its files) while an initial sync runs is a live change, and so are
+    the files found in it: they must not wait behind the backlog."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"b{i:04d}" for i in range(1500)]
+    for n in names:
+        (w.vol.path / n).write_bytes(os.urandom(2000))
+    w.scan_found([], names, {})
+    await until(lambda: len(env.sink.files("v")) >= 10, what="backlog started")
+    (w.vol.path / "newdir").mkdir()
+    (w.vol.path / "newdir" / "f").write_bytes(b"made with its directory")
+    w.mark("newdir", force=False)  # as the watcher does: the file's own event came before the watch
+    await until(lambda: len(committed(env.state, "v")) == 1502, timeout=60, what="all committed")
+    seqs = {e.path: e.seq for e in env.sink.files("v")}
+    later = sum(1 for n in names if seqs[n] > seqs["newdir/f"])
+    assert later > 500, f"only {later} backlog files were published after the new directory's file"
