@@ -57,7 +57,8 @@ bench-quick: deps venv kafka-fetch
 
 # aiokafka vs confluent-kafka (librdkafka, own venv in build/) publishing 1 MiB records to one partition.
 bench-kafka: deps venv kafka-fetch
-	@$(PY) tests/bench/kafka_clients.py
+	@$(PY) tests/bench/kafka_clients.py 512 1024
+	@$(PY) tests/bench/kafka_clients.py 512 128
 
 kafka-start: kafka-fetch
 	@bash deploy/kafka/kafka.sh start

@@ -1201,7 +1201,8 @@ def report(ctx_args: argparse.Namespace, mach: dict, results: dict, wall: float,
         "# Benchmarks",
         "",
         "Written by `tests/bench/run.py` (`make bench`); every figure is as measured in that one run, each volmirror figure",
-        "against its baseline run in the same invocation on the same data.",
+        "against its baseline run in the same invocation on the same data. Profiles, the Kafka client side by side",
+        "(`make bench-kafka`) and what the floors that fail would need: `docs/performance.md`.",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; command: `{cmd.strip()}`; scale: **{ctx_args.scale}**; "
         f"whole run {wall / 60:.1f} min",
@@ -1238,6 +1239,11 @@ def report(ctx_args: argparse.Namespace, mach: dict, results: dict, wall: float,
     for f in all_floors:
         L.append(f"| {f['scenario']} | {f['measure']} | {f['floor']} | {verdict(f['pass'], f['why'])} |")
     L.append("")
+    kafka = sorted((REPO / "build").glob("bench-kafka-*k.txt"))
+    if kafka:  # the last `make bench-kafka`: the ceiling of the Kafka client, the bigfile floor's limit
+        L += ["## Kafka client side by side (`make bench-kafka`, its last run)", ""]
+        for f in kafka:
+            L += ["```", f.read_text().strip(), "```", ""]
     return "\n".join(L), all_floors
 
 
