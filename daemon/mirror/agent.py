@@ -37,6 +37,11 @@ log = logging.getLogger("volmirror.mirror")
 
 DURABLE_BYTES = 64 * 1024 * 1024
 POSITION_INTERVAL = 0.25  # seconds between position reports to the sources (while a volume moves)
+
+
+def _ignore_result(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" warning
 MAX_VOLUME_LABELS = 256
 VERIFY_WAIT = 60.0
 
@@ -254,7 +259,8 @@ class MirrorAgent:
                 continue
             req = {"type": "position", "vol": vol, "epoch": s.epoch, "seq": s.seq, "site": self.mc.group_id, "ts": time.time()}
             try:
-                await self.producer.send(topic, key_for(vol), json.dumps(req).encode())  # not awaited: best effort
+                fut = await self.producer.send(topic, key_for(vol), json.dumps(req).encode())
+                fut.add_done_callback(_ignore_result)  # best effort: the ack is not waited for, a failure not logged
                 self._reported[vol] = (s.epoch, s.seq)
             except Exception as e:  # noqa: BLE001 - without reports the source simply does not pace
                 log.debug("cannot send position report: %s", e)

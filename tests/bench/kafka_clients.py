@@ -41,7 +41,8 @@ adm = AdminClient({"bootstrap.servers": boot})
 p = Producer({"bootstrap.servers": boot, "acks": "all", "enable.idempotence": True, "compression.type": comp,
               "message.max.bytes": 4 << 20, "batch.size": (4 << 20) - (64 << 10), "linger.ms": 5,
               "max.in.flight.requests.per.connection": inflight, "queue.buffering.max.kbytes": 65536})
-data = [os.urandom(rec) for _ in range(8)]
+pool = os.urandom(64 << 20)  # 64 MiB of distinct records, sent in turn: no batch repeats one (zstd would find it)
+data = [pool[o : o + rec] for o in range(0, len(pool), rec)]
 count = n * (1 << 20) // rec
 acked = [0]
 def cb(err, msg):
@@ -52,7 +53,7 @@ c0 = os.times(); t0 = time.perf_counter()
 for i in range(count):
     while True:
         try:
-            p.produce(t, value=data[i % 8], key=b"v", on_delivery=cb)
+            p.produce(t, value=data[i % len(data)], key=b"v", on_delivery=cb)
             break
         except BufferError:
             p.poll(0.01)
@@ -83,9 +84,10 @@ async def aiokafka_run(boot: str, n: int, comp: str | None, batch: int, rec: int
     await p.start()
     try:
         await (await p.send(t, value=b"warm-up", key=b"v"))
-        data = [os.urandom(rec) for _ in range(8)]
+        pool = os.urandom(64 * MIB)  # distinct records in turn: no batch repeats one (zstd would find it)
+        data = [pool[o : o + rec] for o in range(0, len(pool), rec)]
         c0, t0 = os.times(), time.perf_counter()
-        futs = [await p.send(t, value=data[i % 8], key=b"v") for i in range(n * MIB // rec)]
+        futs = [await p.send(t, value=data[i % len(data)], key=b"v") for i in range(n * MIB // rec)]
         await asyncio.gather(*futs)
         el, c1 = time.perf_counter() - t0, os.times()
     finally:

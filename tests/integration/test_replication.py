@@ -27,6 +27,10 @@ def test_every_operation_converges(setup_factory):
     m = s.add_mirror().start()
     agents = [s.source, m]
     wait_converged(v, s.mirror_path(), agents=agents)
+    # the mirror reports its applied position on the control topic; the source sees it (pacing)
+    pos = wait_for(lambda: s.source.status()["volumes"]["vol1"].get("fastest_mirror_behind"), timeout=15,
+                   what="the mirror's position report at the source")
+    assert pos["records"] >= 0 and pos["bytes"] >= 0
 
     # create / modify / extend / truncate
     (v / "new.bin").write_bytes(os.urandom(300_000))
