@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ from .batch import Batch
 from .coverage import NOT_UTF8, Unprotected, printable, replicable_name
 from .dirty import DirtySet, InDoubt, StartupGate, backoff, listing_blocked
 from .examine import Examiner, forget_blocks
+from . import pacing
 from .progress import Progress
 from .publisher import Publisher
 from .reader import Pre, Stat, lstat, prefetch
@@ -45,20 +45,7 @@ CONTROL_RETRY = 5.0  # seconds before a failed checkpoint/listing is tried again
 STATE_BACKOFF = 10.0  # cap of the retry delay while state_dir cannot be written (space may return any time)
 KAFKA_BACKOFF = 30.0
 PREFETCH_PATHS = 64  # due paths popped, lstat'ed and (small files) read per thread hop
-PACE_SECONDS = 0.75  # while live changes come (the last within PACE_LIVE_WINDOW), a backlog waits
-PACE_LIVE_WINDOW = 10.0  # while the fastest mirror has more than PACE_SECONDS of work queued ...
-PACE_STALE = 5.0  # ... by a position report younger than this (no fresh report: no pacing)
-PACE_MIN_RATE = 16 * 1024 * 1024  # bytes/s assumed of a mirror whose apply rate is not measured yet
 PACE_SLICE = 2.0  # longest single wait before one more group goes anyway (renames, checkpoints run)
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorReport:
-    t: float  # when it arrived (monotonic)
-    epoch: str
-    seq: int  # applied up to here
-    behind: int | None  # bytes published after seq when it arrived (None: unknown)
-    rate: float | None  # bytes/s the site applies when busy (EWMA; None: not measured yet)
 
 
 class VolumeWorker:
@@ -88,7 +75,7 @@ class VolumeWorker:
         self.unprotected = Unprotected()
         self.examiner = Examiner(vol, publisher, self._mark_children, self._serve_live)
         self._serving_live = False
-        self.mirrors: dict[str, MirrorReport] = {}  # site → its last position report
+        self.mirrors: dict[str, pacing.MirrorReport] = {}  # site → its last position report (pacing)
         self._last_live = -1e9  # when the last live change was marked (monotonic)
         self._examining_live = False  # the path being examined was a live change
         self.renames: deque[tuple[str | None, str | None, bool]] = deque()
@@ -350,39 +337,16 @@ class VolumeWorker:
 
     # -- pacing: a backlog never runs far ahead of the fastest mirror ----------------------------
     def mirror_position(self, site: str, epoch: str, seq: int) -> None:
-        """A mirror site's report of how far it has applied this volume's stream. Its apply rate
-        (bytes/s) is measured between two reports that both found it behind (busy all along)."""
-        now = time.monotonic()
-        sent = self.pub.sent.get(self.name)
-        behind = sent.after(seq) if sent is not None and epoch == self.pub.seqs.epoch else None
-        old = self.mirrors.get(site)
-        rate = old.rate if old is not None and old.epoch == epoch else None
-        if old is not None and old.behind and behind and seq > old.seq and now > old.t and sent is not None:
-            done = (sent.after(old.seq) or 0) - behind
-            if done > 0:
-                r = done / (now - old.t)
-                rate = r if rate is None else 0.7 * rate + 0.3 * r
-        self.mirrors[site] = MirrorReport(now, epoch, seq, behind, rate)
+        """A mirror site's report of how far it has applied this volume's stream."""
+        self.mirrors[site] = pacing.report(self.mirrors.get(site), time.monotonic(), epoch, seq, self.pub.sent.get(self.name),
+                                           self.pub.seqs.epoch)
 
     def mirror_behind(self) -> dict[str, float] | None:
-        """The fastest mirror with a fresh report of this epoch: records and bytes it has still to
-        apply, and the seconds that takes at its measured rate (None: no fresh report)."""
-        now = time.monotonic()
-        fresh = [r for r in self.mirrors.values() if now - r.t < PACE_STALE and r.epoch == self.pub.seqs.epoch]
-        if not fresh:
-            return None
-        best = max(fresh, key=lambda r: r.seq)
-        sent = self.pub.sent.get(self.name)
-        nbytes = sent.after(best.seq) if sent is not None else 0
-        nbytes = 0 if nbytes is None else nbytes
-        return {"records": self.pub.seqs.last(self.name) - best.seq, "bytes": nbytes,
-                "seconds": round(nbytes / max(best.rate or 0.0, PACE_MIN_RATE), 3), "rate_bytes_per_s": round(best.rate or 0.0)}
+        return pacing.fastest_behind(list(self.mirrors.values()), time.monotonic(), self.pub.seqs.epoch,
+                                     self.pub.seqs.last(self.name), self.pub.sent.get(self.name))
 
     def _ahead(self) -> bool:
-        if time.monotonic() - self._last_live > PACE_LIVE_WINDOW:
-            return False  # nobody is writing: nothing to keep fast, the backlog goes at full speed
-        b = self.mirror_behind()
-        return b is not None and b["seconds"] > PACE_SECONDS
+        return pacing.hold(self.mirror_behind(), time.monotonic(), self._last_live)
 
     async def _pace(self, b: Batch | None, current: str | None = None) -> None:
         """Hold a backlog while the fastest mirror is far behind: records published now would only

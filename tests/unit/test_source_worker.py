@@ -527,9 +527,10 @@ async def test_a_backlog_is_paced_to_the_fastest_mirror_and_live_changes_still_g
     """With a mirror reporting it is far behind, the initial sync holds (records would only queue
     in the partition in front of live changes) while a live change is still published; when the
     mirror catches up the backlog goes on, and a mirror that stops reporting stops the pacing."""
+    import daemon.source.pacing as pacing
     import daemon.source.volume as volume_mod
 
-    monkeypatch.setattr(volume_mod, "PACE_STALE", 1.5)
+    monkeypatch.setattr(pacing, "PACE_STALE", 1.5)
     w = env.worker("v")
     await until(lambda: w.index, what="index open")
     names = [f"b{i:04d}" for i in range(1500)]
@@ -555,11 +556,11 @@ async def test_a_backlog_is_paced_to_the_fastest_mirror_and_live_changes_still_g
     await asyncio.sleep(1.0)
     sent = len(env.sink.files("v")) - 301
     # unmeasured rate: PACE_MIN_RATE; the hold starts past PACE_SECONDS of it, checked per group
-    window = volume_mod.PACE_SECONDS * volume_mod.PACE_MIN_RATE / 16000
+    window = pacing.PACE_SECONDS * pacing.PACE_MIN_RATE / 16000
     assert 0 < sent <= window + 2 * volume_mod.PREFETCH_PATHS, f"{sent} files published past a mirror that is behind"
     assert env.metric("volmirror_source_backlog_paced_seconds_total", volume="v") > 0.5
     behind = w.status()["fastest_mirror_behind"]
-    assert behind["records"] >= sent and behind["bytes"] > sent * 16000 and behind["seconds"] > volume_mod.PACE_SECONDS
+    assert behind["records"] >= sent and behind["bytes"] > sent * 16000 and behind["seconds"] > pacing.PACE_SECONDS
     (w.vol.path / "live").write_bytes(b"urgent")
     w.mark("live", force=True)
     w.mirror_position("site-a", epoch, start)  # still behind
