@@ -192,9 +192,17 @@ class SourceIndex:
         self.db.execute("DELETE FROM entries WHERE volume=? AND (path=? OR (path>=? AND path<?))", (volume, path, lo, hi))
 
     def rename(self, volume: str, src: str, dst: str) -> None:
-        """Move ``src`` and everything below it to ``dst`` (which is replaced)."""
-        self.delete_tree(volume, dst)
+        """Move ``src`` and everything below it to ``dst``. Rows already below ``dst`` that no
+        moved row replaces are kept, as the mirror merges a rename onto a non-empty directory:
+        when a directory's new content was examined (and published) before its rename event, the
+        rows must stay, or a later listing would have the mirror delete files the source has."""
         lo, hi = _prefix_bounds(src)
+        self.db.execute(
+            "DELETE FROM entries WHERE volume=? AND path IN (SELECT ? || substr(path, ?) FROM entries WHERE volume=? AND path>=? AND path<?)",
+            (volume, dst, len(src) + 1, volume, lo, hi),
+        )
+        if self.db.execute("SELECT 1 FROM entries WHERE volume=? AND path=?", (volume, src)).fetchone():
+            self.db.execute("DELETE FROM entries WHERE volume=? AND path=?", (volume, dst))
         self.db.execute("UPDATE entries SET path=? WHERE volume=? AND path=?", (dst, volume, src))
         self.db.execute(
             "UPDATE entries SET path = ? || substr(path, ?) WHERE volume=? AND path>=? AND path<?",

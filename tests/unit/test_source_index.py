@@ -129,3 +129,18 @@ async def test_batch_commits_after_acks_and_rolls_back_on_failures(tmp_path):
     idx.full = False
     assert idx.get("v", "c") is None and not idx.in_transaction
     idx.close()
+
+
+def test_a_rename_onto_a_directory_with_rows_merges_like_the_mirror(tmp_path):
+    """A directory's new content examined (and published) before its rename event: the rename
+    must not drop those rows (the mirror merges; a listing would then delete live files)."""
+    from daemon.store.source_index import DIR, FILE, Entry, SourceIndex
+
+    idx = SourceIndex(tmp_path / "i.sqlite")
+    idx.begin()
+    for path, kind in [("old", DIR), ("old/a", FILE), ("old/b", FILE), ("new", DIR), ("new/b", FILE), ("new/c", FILE)]:
+        idx.put("v", Entry(path, kind, 1 if kind == FILE else 0, 2, 3, 0o644))
+    idx.rename("v", "old", "new")
+    idx.commit()
+    assert sorted(idx.children("v", "new")) == ["new/a", "new/b", "new/c"]
+    assert idx.get("v", "old") is None and idx.get("v", "old/a") is None and idx.get("v", "new") is not None
