@@ -92,7 +92,10 @@ class SourceAgent:
                 ok = watcher.start(loop)
                 self.m.watch_ok.labels(v.name).set(1 if ok else 0)
                 self.watchers[v.name] = watcher
-            self.control = Consumer(kc, f"volmirror-source.{sc.host}", [kc.control_topic], offset_reset="latest")
+            # one group per (host, topic): a group shared with sources of other topics rebalances
+            # whenever one of them stops (or waits out a killed one), and a request a mirror writes
+            # meanwhile is skipped ("latest" before the first commit); the mirror asks again later
+            self.control = Consumer(kc, f"volmirror-source.{sc.host}.{kc.topic}", [kc.control_topic], offset_reset="latest")
             await retry_transient("connecting the control consumer", self.control.start, self.stop.event)
             self.ready = True
             sd_notify("READY=1")
