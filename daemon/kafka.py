@@ -30,6 +30,7 @@ from .errors import PermanentError, PublishError, TransientError
 log = logging.getLogger("volmirror.kafka")
 
 MAX_RECORD = 4 * 1024 * 1024  # > 1 MiB block + JSON header, with room to spare
+MIN_TOPIC_RECORD = 1024 * 1024 + 64 * 1024  # the least max.message.bytes a topic may have: one 1 MiB block
 _TOPIC_EXISTS = 36
 
 if aiokafka.util.NO_EXTENSIONS:  # TRAPS.md: pure-Python CRC32C runs at a few MB/s
@@ -117,15 +118,15 @@ async def _check_topic_limits(admin: AIOKafkaAdminClient, topics: list[str]) -> 
         resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
     except KafkaError as e:  # not fatal: the producer will report oversized records anyway
         log.warning("could not check topic configs: %s; producer batches of 1 MiB", _describe(e))
-        return 1024 * 1024 + 64 * 1024
+        return MIN_TOPIC_RECORD
     for r in resp:
         for _code, _msg, _rtype, name, entries in r.resources:
             for entry in entries:
                 if entry[0] == "max.message.bytes" and entry[1] is not None:
-                    if int(entry[1]) < 1024 * 1024 + 64 * 1024:
+                    if int(entry[1]) < MIN_TOPIC_RECORD:
                         raise PermanentError(
                             f"topic {name!r} has max.message.bytes={entry[1]}; volmirror needs at least "
-                            f"{1024 * 1024 + 64 * 1024} for 1 MiB blocks (set it to {MAX_RECORD})"
+                            f"{MIN_TOPIC_RECORD} for 1 MiB blocks (set it to {MAX_RECORD})"
                         )
                     smallest = min(smallest, int(entry[1]))
     return smallest

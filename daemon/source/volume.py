@@ -291,10 +291,14 @@ class VolumeWorker:
             self._b = None
         self.m.pending_files.labels(self.name).set(len(self.dirty))
 
+    def _open_batch(self) -> Batch:
+        if self._b is None:
+            raise RuntimeError("no batch is open: _take and _next_batch run inside _process only")
+        return self._b
+
     async def _next_batch(self) -> None:
         """Settle the open batch and open the next (on a failure ``self._b`` is the failed one)."""
-        assert self._b is not None
-        await self._settle(self._b)
+        await self._settle(self._open_batch())
         self._b = self._batch()
 
     async def _take(self, paths: list[str]) -> None:
@@ -313,9 +317,9 @@ class VolumeWorker:
             pre = await asyncio.to_thread(prefetch, self.examiner.root, [p for p, _ in taken if not self.vol.is_excluded(p)],
                                           self.vol.block_size)
             for path, mark in taken:
-                assert self._b is not None
+                b = self._open_batch()
                 done += 1
-                self._b.paths.append(path)
+                b.paths.append(path)
                 force, p = mark.force, pre.get(path)
                 again = self.dirty.pop(path)
                 if again is not None:
@@ -325,10 +329,10 @@ class VolumeWorker:
                     p = p if p is not None and p.st is not None and self._unchanged_since(path, p.st) else None
                 self._examining_live = path in live
                 try:
-                    await self._examine(self._b, path, force, p)
+                    await self._examine(b, path, force, p)
                 finally:
                     self._examining_live = False
-                if self._b.full:
+                if b.full:
                     await self._next_batch()
         except BaseException:
             for path, mark in taken[done:]:
@@ -398,12 +402,11 @@ class VolumeWorker:
             await self._pace(b, current)
 
     def _unchanged_since(self, path: str, st: Stat) -> bool:
-        """True if ``path`` still has the size, mtime, ctime, inode and mode of ``st``."""
+        """True if ``path`` still has the kind, size, mtime, ctime, inode and mode of ``st``."""
         try:
-            now = lstat(str(self.vol.path / path))
+            return lstat(str(self.vol.path / path)) == st
         except VolmirrorError:
             return False
-        return now is not None and now.same_content_view(st) and now.mode == st.mode and now.kind == st.kind
 
     async def _examine(self, b: Batch, path: str, force: bool, pre: Pre | None = None) -> None:
         resync = path in self.resyncs

@@ -397,16 +397,22 @@ async def test_a_small_file_is_one_record_and_a_chmod_sends_no_content(env):
     assert len(env.sink.ops("v", "file", "small")) == 1 and env.sink.ops("v", "manifest", "small")[0]["mode"] == 0o600
 
 
+async def backlog_started(env, n: int = 1500):
+    """A worker with ``n`` scanned files of 2,000 bytes waiting, the first of them published."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"b{i:04d}" for i in range(n)]
+    for name in names:
+        (w.vol.path / name).write_bytes(os.urandom(2000))
+    w.scan_found([], names, {})
+    await until(lambda: len(env.sink.files("v")) >= 10, what="backlog started")
+    return w, names
+
+
 async def test_a_live_change_overtakes_a_backlog(env):
     """Priority lane: a file written while 1,500 scanned files wait is published long before the
     last of them, not behind the whole backlog."""
-    w = env.worker("v")
-    await until(lambda: w.index, what="index open")
-    names = [f"b{i:04d}" for i in range(1500)]
-    for n in names:
-        (w.vol.path / n).write_bytes(os.urandom(2000))
-    w.scan_found([], names, {})
-    await until(lambda: len(env.sink.files("v")) >= 10, what="backlog started")
+    w, names = await backlog_started(env)
     (w.vol.path / "live").write_bytes(b"urgent")
     w.mark("live", force=True)  # as the watcher does
     await until(lambda: len(committed(env.state, "v")) == 1501, timeout=60, what="all committed")
@@ -594,13 +600,7 @@ def test_sent_bytes_between_a_position_and_the_head():
 async def test_files_in_a_new_directory_made_during_a_backlog_overtake_it(env):
     """A directory created (with its files) while an initial sync runs is a live change, and so are
     the files found in it: they must not wait behind the backlog."""
-    w = env.worker("v")
-    await until(lambda: w.index, what="index open")
-    names = [f"b{i:04d}" for i in range(1500)]
-    for n in names:
-        (w.vol.path / n).write_bytes(os.urandom(2000))
-    w.scan_found([], names, {})
-    await until(lambda: len(env.sink.files("v")) >= 10, what="backlog started")
+    w, names = await backlog_started(env)
     (w.vol.path / "newdir").mkdir()
     (w.vol.path / "newdir" / "f").write_bytes(b"made with its directory")
     w.mark("newdir", force=False)  # as the watcher does: the file's own event came before the watch
