@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import codec
 from .errors import ConfigError
 
 VOLUME_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -47,7 +48,7 @@ class KafkaConfig:
     partitions: int = 6
     replication_factor: int = 0  # 0 = min(3, brokers in the cluster)
     retention_ms: int = 7 * 24 * 3600 * 1000
-    compression: str = "zstd"
+    compression: str = "none"  # of whole producer batches, on the event loop; payloads: source.compression
     request_timeout_ms: int = 30000
     client_options: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +117,7 @@ class SourceConfig:
     max_delay_ms: int = 1000
     announce_interval: float = 30.0
     checkpoint_interval: float = 60.0
+    compression: str = "zstd"  # of each block / small file, in the read threads (daemon.codec)
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ def _parse_kafka(t: Any) -> KafkaConfig:
     topic = s.get("topic", str, "volmirror.events")
     if not re.match(r"^[A-Za-z0-9._-]{1,200}$", topic):
         raise ConfigError("kafka.topic", f"invalid Kafka topic name {topic!r}")
-    compression = s.get("compression", str, "zstd")
+    compression = s.get("compression", str, "none")
     if compression not in ("zstd", "lz4", "gzip", "snappy", "none"):
         raise ConfigError("kafka.compression", "must be one of zstd, lz4, gzip, snappy, none")
     opts: dict[str, Any] = {}
@@ -319,9 +321,17 @@ def _parse_source(t: Any, base: Path) -> SourceConfig:
         max_delay_ms=s.integer("max_delay_ms", 1000, minimum=1, maximum=600000),
         announce_interval=s.number("announce_interval", 30.0, minimum=0.5),
         checkpoint_interval=s.number("checkpoint_interval", 60.0, minimum=0.5),
+        compression=_payload_codec(s),
     )
     s.done()
     return sc
+
+
+def _payload_codec(s: "_Section") -> str:
+    c = s.get("compression", str, "zstd")
+    if c not in codec.CHOICES:
+        raise ConfigError(s.key("compression"), f"must be one of {', '.join(codec.CHOICES)}, got {c!r}")
+    return c
 
 
 def _parse_mirror(t: Any, base: Path) -> MirrorConfig:

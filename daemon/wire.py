@@ -4,8 +4,9 @@ Record layout (schema version 1)::
 
     b"VM" | u8 schema version | u32 big-endian header length N | N bytes UTF-8 JSON header | payload
 
-The JSON header holds the event's fields; only ``block`` events carry a payload (the block's bytes;
-an all-zero block travels with ``zero: true`` and no payload). The record key is the volume name,
+The JSON header holds the event's fields; only ``block`` and ``file`` events carry a payload (the
+block's or small file's bytes, compressed when the header has ``z``, see :mod:`daemon.codec`; an
+all-zero block travels with ``zero: true`` and no payload). The record key is the volume name,
 so all events of one volume land, in order, in one partition.
 
 :func:`decode` trusts nothing: every field is type-checked, paths are checked for shape (relative
@@ -26,6 +27,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import codec
 from .blocks import HASH_LEN, block_hash, file_root, zero_hash
 from .config import MAX_BLOCK, MIN_BLOCK, VOLUME_NAME_RE
 from .errors import RejectedEvent
@@ -72,6 +74,9 @@ OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "announce": {"host": _STR, "src": _STR, "block_size": _INT, "heartbeat_interval": (int, float), "checkpoint_interval": (int, float)},
 }
 OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    # ``z``: the payload is compressed with that codec (daemon.codec); decode returns it decompressed
+    "block": {"z": _STR},
+    "file": {"z": _STR},
     "manifest": {"repair": bool},
     "checkpoint": {"nonce": _STR},
     "listing": {"count": _INT, "root": _STR},  # required on the last part
@@ -301,9 +306,9 @@ def _decode(value: bytes | None, key: bytes | None, max_file_size: int) -> Event
     if op == "listing":
         _check_listing(fields)
     if op == "block":
-        _check_block(fields, payload)
+        payload = _check_block(fields, payload)
     elif op == "file":
-        _check_file(fields, payload)
+        payload = _check_file(fields, payload)
     elif payload:
         raise RejectedEvent("bad_schema", f"{op}: unexpected payload")
     return Event(op=op, vol=vol, seq=seq, epoch=epoch, ts=float(ts), fields=fields, payload=payload)
@@ -351,10 +356,25 @@ def _check_announce(f: dict[str, Any]) -> None:
             raise RejectedEvent("bad_schema", f"announce: {name} must be a finite number in (0, {MAX_INTERVAL:.0f}]")
 
 
-def _check_file(f: dict[str, Any], payload: bytes) -> None:
+def _unpack(op: str, f: dict[str, Any], payload: bytes, length: int) -> bytes:
+    """The payload decompressed if the record says it is compressed (``z``, removed from ``f``):
+    into at most ``length`` bytes, whatever the record holds."""
+    z = f.pop("z", None)
+    if z is None:
+        return payload
+    if z not in codec.CODECS:
+        raise RejectedEvent("bad_schema", f"{op}: unknown codec {z!r}")
+    try:
+        return codec.unpack(payload, z, length)
+    except ValueError as e:
+        raise RejectedEvent("malformed", f"{op}: payload does not decompress to its length: {e}") from None
+
+
+def _check_file(f: dict[str, Any], payload: bytes) -> bytes:
     size = f["size"]
     if size > f["bs"] or size > MAX_PAYLOAD:
         raise RejectedEvent("too_large", f"file: size {size} is more than one block")
+    payload = _unpack("file", f, payload, size)
     if len(payload) != size:
         raise RejectedEvent("bad_schema", f"file: payload is {len(payload)} bytes, header says {size}")
     h = block_hash(payload)  # of b"" for an empty file, which has no blocks
@@ -362,9 +382,10 @@ def _check_file(f: dict[str, Any], payload: bytes) -> None:
         raise RejectedEvent("hash_mismatch", "file: payload does not match its hash")
     if file_root(h if size else b"", size).hex() != f["root"]:
         raise RejectedEvent("hash_mismatch", "file: root is not the root of its hash")
+    return payload
 
 
-def _check_block(f: dict[str, Any], payload: bytes) -> None:
+def _check_block(f: dict[str, Any], payload: bytes) -> bytes:
     length, off, size = f["len"], f["off"], f["size"]
     if length == 0 or length > MAX_PAYLOAD or length > f["bs"]:
         raise RejectedEvent("too_large", f"block length {length} out of range")
@@ -373,12 +394,14 @@ def _check_block(f: dict[str, Any], payload: bytes) -> None:
     if off + length > size:
         raise RejectedEvent("bad_schema", "block extends past the file size")
     if f["zero"]:
-        if payload:
+        if payload or "z" in f:
             raise RejectedEvent("bad_schema", "zero block carries a payload")
         if zero_hash(length).hex() != f["hash"]:
             raise RejectedEvent("hash_mismatch", "zero block hash is not the hash of zeros")
-        return
+        return payload
+    payload = _unpack("block", f, payload, length)
     if len(payload) != length:
         raise RejectedEvent("bad_schema", f"payload is {len(payload)} bytes, header says {length}")
     if block_hash(payload).hex() != f["hash"]:
         raise RejectedEvent("hash_mismatch", "block payload does not match its hash")
+    return payload

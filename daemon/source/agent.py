@@ -86,6 +86,7 @@ class SourceAgent:
                 w = VolumeWorker(
                     v, sc.state_dir, self.pub, self.m,
                     debounce=sc.debounce_ms / 1000, max_delay=sc.max_delay_ms / 1000, checkpoint_interval=sc.checkpoint_interval,
+                    compression=sc.compression,
                 )
                 self.workers[v.name] = w
                 watcher = VolumeWatcher(v.name, str(v.path), w.notify)

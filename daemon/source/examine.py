@@ -25,7 +25,7 @@ from ..errors import FileChangedError
 from ..store.source_index import DIR, FILE, SYMLINK, Entry
 from .batch import Batch
 from .publisher import Publisher
-from .reader import Pre, ReadResult, Stat, lstat, read_file, read_small
+from .reader import Pre, ReadResult, Stat, lstat, read_file, read_small_packed
 
 log = logging.getLogger("volmirror.source")
 
@@ -60,9 +60,11 @@ def close_reader(gen: Iterator[Any]) -> None:
 
 class Examiner:
     def __init__(self, vol: VolumeConfig, publisher: Publisher, mark_children: Callable[[str], None],
-                 between_segments: Callable[[Batch, str], Awaitable[None]] | None = None) -> None:
+                 between_segments: Callable[[Batch, str], Awaitable[None]] | None = None, codec: str = "none") -> None:
         """``between_segments(b, path)``: awaited between two segments of a large file being sent
-        (the priority lane publishes live changes there, into the same batch)."""
+        (the priority lane publishes live changes there, into the same batch); ``codec``: payload
+        compression (``source.compression``, done in the read threads)."""
+        self.codec = codec
         self.vol = vol
         self.name = vol.name
         self.root = str(vol.path)
@@ -109,7 +111,7 @@ class Examiner:
             await self._symlink(b, path, st, e)
         else:
             await self._file(b, path, st, e, force=force or doubt is not None, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt,
-                             data=pre.data if pre is not None else None)
+                             pre=pre if pre is not None and pre.data is not None else None)
 
     async def _remove(self, b: Batch, path: str, e: Entry) -> None:
         if e.kind == DIR:
@@ -156,11 +158,13 @@ class Examiner:
             await self.send(b, "symlink", {"path": path, "target": target})
             b.put(Entry(path, SYMLINK, 0, st.mtime_ns, st.ino, 0, target))
 
-    async def _small(self, b: Batch, path: str, st: Stat, e: Entry | None, *, resend: bool, data: bytes | None) -> None:
-        """A file of at most one block: one read (``data``: already read with ``st``), and one
+    async def _small(self, b: Batch, path: str, st: Stat, e: Entry | None, *, resend: bool, pre: Pre | None) -> None:
+        """A file of at most one block: one read (``pre``: already read with ``st``), and one
         ``file`` record with its content (or a manifest if only its metadata changed)."""
-        if data is None:
-            data = await asyncio.to_thread(read_small, self._abs(path), st)
+        if pre is not None and pre.data is not None:
+            data, (payload, z) = pre.data, pre.packed
+        else:
+            data, (payload, z) = await asyncio.to_thread(read_small_packed, self._abs(path), st, self.codec)
         h = block_hash(data)
         hashes = h if st.size else b""
         root = file_root(hashes, st.size)
@@ -173,8 +177,11 @@ class Examiner:
             await self.send(b, "manifest", {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(),
                                             "bs": self.vol.block_size})
         else:
-            await self.send(b, "file", {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(),
-                                        "hash": h.hex(), "bs": self.vol.block_size}, data)
+            fields = {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(), "hash": h.hex(),
+                      "bs": self.vol.block_size}
+            if z:
+                fields["z"] = z
+            await self.send(b, "file", fields, payload)
             if st.size:
                 b.sent_block(path, 0)
                 b.blocks["changed"] += 1
@@ -182,12 +189,12 @@ class Examiner:
         b.put(Entry(path, FILE, st.size, st.mtime_ns, st.ino, st.mode, None, hashes, root))
 
     async def _file(self, b: Batch, path: str, st: Stat, e: Entry | None, *, force: bool, resync: bool,
-                    mirror_hashes: bytes | None, doubt: set[int] | None, data: bytes | None = None) -> None:
+                    mirror_hashes: bytes | None, doubt: set[int] | None, pre: Pre | None = None) -> None:
         if not force and e is not None and (e.size, e.mtime_ns, e.ino, e.mode) == (st.size, st.mtime_ns, st.ino, st.mode):
             return
         bs = self.vol.block_size
         if st.size <= bs and not resync:
-            await self._small(b, path, st, e, resend=doubt is not None, data=data)
+            await self._small(b, path, st, e, resend=doubt is not None, pre=pre)
             return
         known = e.hashes if e is not None else None
         if resync:
@@ -196,18 +203,23 @@ class Examiner:
         elif doubt is not None:
             known, e = (forget(known, doubt) if known else None), None
         res = ReadResult(before=st)
-        gen = read_file(self._abs(path), bs, known, res)
+        gen = read_file(self._abs(path), bs, known, res, self.codec)
         size_changed = e is None or e.size != st.size
         blocks_changed = False
         first = True
+        # pipelined: the next segment is read while this one's blocks are published
+        ahead: asyncio.Future[Any] | None = asyncio.ensure_future(asyncio.to_thread(next, gen, None))
         try:
-            while (seg := await asyncio.to_thread(next, gen, None)) is not None:
+            while ahead is not None and (seg := await ahead) is not None:
+                ahead = None if seg.last else asyncio.ensure_future(asyncio.to_thread(next, gen, None))
                 if first and size_changed:
                     await self.send(b, "truncate", {"path": path, "size": st.size, "bs": bs})
                 first = False
-                for blk, data in seg.changed:
+                for blk, payload, z in seg.changed:
                     fields = {"path": path, "off": blk.offset, "len": blk.length, "hash": blk.hash.hex(), "size": st.size, "zero": blk.zero, "bs": bs}
-                    await self.send(b, "block", fields, data)
+                    if z:
+                        fields["z"] = z
+                    await self.send(b, "block", fields, payload)
                     b.sent_block(path, blk.index)
                     b.blocks["zero" if blk.zero else "changed"] += 1
                     if not blk.zero:
@@ -220,6 +232,12 @@ class Examiner:
             forget_blocks(b, path, b.sent_blocks.get(path, set()))
             raise
         finally:
+            if ahead is not None:  # a failure or cancel while the next segment was being read
+                if ahead.done():
+                    if not ahead.cancelled():
+                        ahead.exception()  # retrieved: it does not matter any more
+                else:
+                    ahead.cancel()  # its thread finishes the read on its own; close_reader copes
             close_reader(gen)
         b.files_done += 1
         b.bytes_read += res.bytes_read

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..blocks import Block, block_hash, changed, is_zero
+from ..blocks import HASH_LEN, Block, block_hash, is_zero
+from ..codec import Packer, pack
 from ..errors import FileChangedError, VolmirrorError, os_error
 
 SEGMENT_BYTES = 8 * 1024 * 1024  # read, checked and sent per thread hop; live changes may go between two
 PREFETCH_BYTES = 16 * 1024 * 1024  # content read ahead per :func:`prefetch` call
+WINDOW_BYTES = 8 * 1024 * 1024  # of a large file read and hashed at once, half of it in _HELPER
+
+_HELPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volmirror-read")
 
 
 @dataclass(frozen=True, slots=True)  # hundreds of thousands at once during a scan
@@ -53,9 +59,10 @@ def lstat(path: str) -> Stat | None:
 
 @dataclass
 class Segment:
-    """Changed blocks found so far (payload kept only for changed non-zero blocks)."""
+    """Changed blocks found so far: (block, payload, codec); the payload (compressed when codec is
+    not "", see :mod:`daemon.codec`) is kept only for changed non-zero blocks."""
 
-    changed: list[tuple[Block, bytes]] = field(default_factory=list)
+    changed: list[tuple[Block, bytes, str]] = field(default_factory=list)
     unchanged: int = 0
     last: bool = False
 
@@ -68,47 +75,60 @@ class ReadResult:
     bytes_read: int = 0
 
 
-def read_file(path: str, block_size: int, known: bytes | None, result: ReadResult) -> Iterator[Segment]:
+def read_file(path: str, block_size: int, known: bytes | None, result: ReadResult, codec: str = "none") -> Iterator[Segment]:
     """Yield segments of changed blocks; fills ``result.hashes`` with every block's hash.
 
     ``known`` is the concatenated hash list from the index (None: everything is new). Raises
-    FileChangedError on a torn read; OS errors are wrapped with the path.
+    FileChangedError on a torn read; OS errors are wrapped with the path. Changed blocks are
+    compressed with ``codec`` where that pays (:class:`~daemon.codec.Packer`).
+
+    The file is read in windows of :data:`WINDOW_BYTES`; the two halves of a window are read and
+    hashed at once, one in the calling thread and one in :data:`_HELPER` (``pread`` and XXH3 on
+    blocks above 64 KiB release the GIL), so a large file is read at close to twice one thread's
+    rate. Only the changed blocks are copied out. No mmap: a file truncated under a mapping kills
+    the process with SIGBUS.
     """
     before = result.before
     fd = _open_checked(path, before)
     try:
+        size = before.size
+        window = max(block_size, WINDOW_BYTES // block_size * block_size)
+        half = (window // block_size + 1) // 2 * block_size
+        # reused across windows (fresh memory costs page faults); unused when every block is new
+        bufs = (bytearray(min(half, size)), bytearray(min(half, size))) if known is not None else (bytearray(), bytearray())
+        packers = (Packer(codec), Packer(codec))
         seg = Segment()
         seg_bytes = 0
-        idx = 0
-        while True:
-            data = os.read(fd, block_size)
-            if not data:
-                break
-            # a short read before EOF (rare: pipes/network fs) must be topped up
-            while len(data) < block_size:
-                more = os.read(fd, block_size - len(data))
-                if not more:
-                    break
-                data += more
-            h = block_hash(data)
-            result.hashes += h
-            result.bytes_read += len(data)
-            blk = Block(idx, idx * block_size, len(data), h, is_zero(data))
-            if not changed(blk, known):
-                seg.unchanged += 1
-            else:
-                seg.changed.append((blk, b"" if blk.zero else data))
-                if blk.zero:
-                    result.zero_changed += 1
-                else:
-                    seg_bytes += len(data)
-            idx += 1
-            if seg_bytes >= SEGMENT_BYTES:
+        off = 0
+        while off < size:
+            end = min(size, off + window)
+            # split at a block boundary; a window of one block is read here alone
+            mid = off + ((end - off) // block_size + 1) // 2 * block_size
+            second = _HELPER.submit(_span, path, fd, mid, end, block_size, known, bufs[1], packers[1]) if mid < end else None
+            try:
+                parts = [_span(path, fd, off, min(mid, end), block_size, known, bufs[0], packers[0])]
+            except BaseException:
+                if second is not None:
+                    futures.wait([second])  # the fd stays open until the helper is done with it
+                raise
+            if second is not None:
+                parts.append(second.result())
+            for hashes, changed_blocks, unchanged in parts:
+                result.hashes += hashes
+                seg.unchanged += unchanged
+                for ch in changed_blocks:
+                    seg.changed.append(ch)
+                    blk = ch[0]
+                    if blk.zero:
+                        result.zero_changed += 1
+                    else:
+                        seg_bytes += blk.length
+            result.bytes_read += end - off
+            off = end
+            if seg_bytes >= SEGMENT_BYTES and off < size:
                 _check(path, before)
                 yield seg
                 seg, seg_bytes = Segment(), 0
-        if result.bytes_read != before.size:
-            raise FileChangedError(path)
         _check(path, before)
         seg.last = True
         yield seg
@@ -116,6 +136,58 @@ def read_file(path: str, block_size: int, known: bytes | None, result: ReadResul
         raise os_error("read", path, e) from None
     finally:
         os.close(fd)
+
+
+def _span(path: str, fd: int, start: int, end: int, block_size: int, known: bytes | None,
+          buf: bytearray, packer: Packer) -> tuple[bytes, list[tuple[Block, bytes, str]], int]:
+    """Read bytes ``[start, end)`` of ``fd`` (``start`` on a block boundary) into ``buf`` and hash its blocks:
+    (their hashes, the changed blocks with their packed payload (empty for a zero block) and its
+    codec, the number unchanged). A read that ends early means the file shrank: FileChangedError."""
+    hashes = bytearray()
+    changed_blocks: list[tuple[Block, bytes, str]] = []
+    unchanged = 0
+    idx = start // block_size
+    if known is None:  # every block is sent: read each into its own bytes (one copy, not two)
+        for off in range(start, end, block_size):
+            want = min(block_size, end - off)
+            data = _pread_all(path, fd, want, off)
+            h = block_hash(data)
+            hashes += h
+            zero = is_zero(data)
+            changed_blocks.append((Block(idx, off, want, h, zero), *((b"", "") if zero else packer.pack(data))))
+            idx += 1
+        return bytes(hashes), changed_blocks, unchanged
+    n = end - start
+    mv = memoryview(buf)[:n]
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [mv[got:]], start + got)
+        if k == 0:
+            raise FileChangedError(path)  # it shrank under us
+        got += k
+    for a in range(0, n, block_size):
+        chunk = mv[a : a + block_size]
+        h = block_hash(chunk)
+        hashes += h
+        if known[idx * HASH_LEN : (idx + 1) * HASH_LEN] == h:
+            unchanged += 1
+        else:
+            data = bytes(chunk)
+            zero = is_zero(data)
+            changed_blocks.append((Block(idx, idx * block_size, len(data), h, zero), *((b"", "") if zero else packer.pack(data))))
+        idx += 1
+    mv.release()
+    return bytes(hashes), changed_blocks, unchanged
+
+
+def _pread_all(path: str, fd: int, n: int, off: int) -> bytes:
+    data = os.pread(fd, n, off)
+    while len(data) < n:  # a short read before the end (rare: network file systems) is topped up
+        more = os.pread(fd, n - len(data), off + len(data))
+        if not more:
+            raise FileChangedError(path)  # it shrank under us
+        data += more
+    return data
 
 
 def _open_checked(path: str, before: Stat) -> int:
@@ -171,13 +243,21 @@ def _check(path: str, before: Stat) -> None:
 @dataclass(slots=True)
 class Pre:
     """What :func:`prefetch` saw of one path: its lstat (None: gone) and, for a regular file of at
-    most one block, its whole content read and checked like :func:`read_small` (None: not read)."""
+    most one block, its whole content read and checked like :func:`read_small` (None: not read)
+    and that content packed for sending."""
 
     st: Stat | None
     data: bytes | None = None
+    packed: tuple[bytes, str] = (b"", "")  # data as it is sent: (payload, codec), see daemon.codec
 
 
-def prefetch(root: str, paths: list[str], block_size: int, budget: int = PREFETCH_BYTES) -> dict[str, Pre]:
+def read_small_packed(path: str, before: Stat, codec: str) -> tuple[bytes, tuple[bytes, str]]:
+    """:func:`read_small`, and its content packed for sending (in the same thread)."""
+    data = read_small(path, before)
+    return data, pack(data, codec)
+
+
+def prefetch(root: str, paths: list[str], block_size: int, budget: int = PREFETCH_BYTES, codec: str = "none") -> dict[str, Pre]:
     """lstat ``paths`` (relative to ``root``) and read the small regular files among them, in one
     call: one thread hop for a group of paths instead of two per file. Best effort: a path whose
     lstat or read failed is left out or has no data, and its examination does it again (and
@@ -190,12 +270,13 @@ def prefetch(root: str, paths: list[str], block_size: int, budget: int = PREFETC
             st = lstat(full)
         except VolmirrorError:
             continue
-        data = None
+        pre = Pre(st)
         if st is not None and st.kind == "f" and st.size <= block_size and st.size <= budget:
             try:
-                data = read_small(full, st)
-                budget -= len(data)
+                pre.data = read_small(full, st)
+                pre.packed = pack(pre.data, codec)  # each file tried: one directory mixes kinds of content
+                budget -= len(pre.data)
             except VolmirrorError:
-                data = None
-        out[rel] = Pre(st, data)
+                pre.data = None
+        out[rel] = pre
     return out

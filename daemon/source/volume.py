@@ -60,6 +60,7 @@ class VolumeWorker:
         max_delay: float = 1.0,
         checkpoint_interval: float = 60.0,
         open_index: OpenIndex = volume_index,
+        compression: str = "none",
     ) -> None:
         self.vol = vol
         self.name = vol.name
@@ -73,7 +74,7 @@ class VolumeWorker:
         self.doubt = InDoubt()
         self.gate = StartupGate()
         self.unprotected = Unprotected()
-        self.examiner = Examiner(vol, publisher, self._mark_children, self._serve_live)
+        self.examiner = Examiner(vol, publisher, self._mark_children, self._serve_live, codec=compression)
         self._serving_live = False
         self.mirrors: dict[str, pacing.MirrorReport] = {}  # site → its last position report (pacing)
         self._last_live = -1e9  # when the last live change was marked (monotonic)
@@ -315,7 +316,7 @@ class VolumeWorker:
         done = 0
         try:
             pre = await asyncio.to_thread(prefetch, self.examiner.root, [p for p, _ in taken if not self.vol.is_excluded(p)],
-                                          self.vol.block_size)
+                                          self.vol.block_size, codec=self.examiner.codec)
             for path, mark in taken:
                 b = self._open_batch()
                 done += 1

@@ -46,6 +46,8 @@ def test_good_config(tmp_path):
     assert not v.is_excluded("x.swpx")
     assert cfg.mirror.group_id == "drc-site-1" and cfg.mirror.repair is True
     assert cfg.metrics.host_port == ("127.0.0.1", 9464)
+    # payloads compressed by the source in its read threads; whole batches on the event loop: not by default
+    assert (cfg.source.compression, cfg.kafka.compression) == ("zstd", "none")
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,7 @@ def test_good_config(tmp_path):
         (('topic = "volmirror.events"', 'topic = "bad topic"'), "kafka.topic"),
         (('[metrics]', '[metrix]'), "metrix"),
         (('security_protocol = "PLAINTEXT"', 'security_protocol = 5'), "kafka.security_protocol"),
+        (('state_dir = "/var/lib/volmirror/source"', 'state_dir = "/var/lib/volmirror/source"\ncompression = "gzip"'), "source.compression"),
     ],
 )
 def test_bad_key_is_named(tmp_path, replace, key):

@@ -18,7 +18,7 @@ def test_read_reports_changed_blocks_only(tmp_path):
     p.write_bytes(b"a" * BS + b"b" * BS + bytes(BS))
     res = ReadResult(before=lstat(str(p)))
     segs = list(read_file(str(p), BS, None, res))
-    changed = [(b.index, b.zero) for s in segs for b, _ in s.changed]
+    changed = [(b.index, b.zero) for s in segs for b, _, _ in s.changed]
     assert changed == [(0, False), (1, False), (2, True)]
     known = bytes(res.hashes)
     with open(p, "r+b") as f:
@@ -26,12 +26,13 @@ def test_read_reports_changed_blocks_only(tmp_path):
         f.write(b"X")
     res2 = ReadResult(before=lstat(str(p)))
     segs = list(read_file(str(p), BS, known, res2))
-    assert [b.index for s in segs for b, _ in s.changed] == [1]
+    assert [b.index for s in segs for b, _, _ in s.changed] == [1]
     assert sum(s.unchanged for s in segs) == 2
 
 
 def test_torn_read_is_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "SEGMENT_BYTES", BS)
+    monkeypatch.setattr(reader, "WINDOW_BYTES", BS)
     p = tmp_path / "f"
     p.write_bytes(os.urandom(4 * BS))
     res = ReadResult(before=lstat(str(p)))
@@ -96,3 +97,45 @@ def test_walk_respects_excludes(tmp_path):
     assert sorted(w.disk) == ["keep", "link"]
     assert w.targets == {"link": "keep"}
     assert w.unprotected == {}
+
+
+@pytest.mark.parametrize("size", [5 * BS, 7 * BS + 123, 9 * BS - 1])
+def test_windowed_read_matches_the_pure_split(tmp_path, monkeypatch, size):
+    """The two halves of each window are read in two threads: the hashes, the changed blocks and
+    their payloads are exactly what the pure block split of the whole content gives, new or not."""
+    from daemon.blocks import split
+
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 3 * BS)  # odd block count: uneven halves, several windows
+    content = bytearray(os.urandom(size))
+    content[2 * BS : 3 * BS] = bytes(BS)  # a zero block
+    p = tmp_path / "f"
+    p.write_bytes(content)
+    want = [(b, bytes(d)) for b, d in split(bytes(content), BS)]
+    res = ReadResult(before=lstat(str(p)))
+    got = [c for s in read_file(str(p), BS, None, res) for c in s.changed]
+    assert bytes(res.hashes) == b"".join(b.hash for b, _ in want)
+    assert [(b, d, z) for b, d, z in got] == [(b, b"" if b.zero else d, "") for b, d in want]
+    assert res.bytes_read == size and res.zero_changed == 1
+    known = bytes(res.hashes)
+    for off in (0, 4 * BS + 7, size - 1):  # first block, one in a second half, the last
+        content[off] ^= 0xFF
+    p.write_bytes(content)
+    res2 = ReadResult(before=lstat(str(p)))
+    segs = list(read_file(str(p), BS, known, res2))
+    changed = [(b.index, d) for s in segs for b, d, _ in s.changed]
+    want_idx = sorted({0, (4 * BS + 7) // BS, (size - 1) // BS})
+    assert [i for i, _ in changed] == want_idx
+    assert all(d == bytes(content[i * BS : (i + 1) * BS]) for i, d in changed)
+    assert sum(s.unchanged for s in segs) + len(changed) == -(-size // BS)
+
+
+def test_a_file_that_shrinks_during_the_read_is_torn(tmp_path, monkeypatch):
+    monkeypatch.setattr(reader, "SEGMENT_BYTES", BS)
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 2 * BS)
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(8 * BS))
+    gen = read_file(str(p), BS, None, ReadResult(before=lstat(str(p))))
+    next(gen)
+    os.truncate(p, 3 * BS)
+    with pytest.raises(FileChangedError):
+        list(gen)

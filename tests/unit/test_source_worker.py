@@ -30,6 +30,7 @@ class Sink:
 
     def __init__(self) -> None:
         self.events: list[wire.Event] = []
+        self.sizes: list[int] = []  # bytes of each event's record, as it went on the wire
         self.fail: set[str] = set()
         self.hold: set[str] = set()
         self.held: list[tuple[str, asyncio.Future]] = []
@@ -37,6 +38,7 @@ class Sink:
     async def send(self, topic: str, key: bytes, value: bytes) -> asyncio.Future:
         ev = wire.decode(value, key)  # everything the source sends passes the real decoder
         self.events.append(ev)
+        self.sizes.append(len(value))
         fut = asyncio.get_running_loop().create_future()
         if ev.vol in self.hold:
             self.held.append((ev.vol, fut))
@@ -54,6 +56,9 @@ class Sink:
     def files(self, vol: str, path: str | None = None) -> list[wire.Event]:
         """Events that publish a whole file: a manifest, or a small file's single ``file`` record."""
         return self.ops(vol, "manifest", path) + self.ops(vol, "file", path)
+
+    def wire_bytes(self, vol: str, path: str) -> int:
+        return sum(n for e, n in zip(self.events, self.sizes) if e.vol == vol and e.path == path)
 
     def ops(self, vol: str, op: str | None = None, path: str | None = None) -> list[wire.Event]:
         return [e for e in self.events if e.vol == vol and (op is None or e.op == op) and (path is None or e.path == path)]
@@ -425,7 +430,6 @@ async def test_a_scanned_new_directory_publishes_each_file_once(env, monkeypatch
     """Marks are popped and read a group at a time (one thread hop): examining a new directory
     marks its children again, which must not make the group's files be read or sent twice."""
     import collections
-    import daemon.source.examine as examine_mod
     import daemon.source.reader as reader_mod
 
     reads: collections.Counter[str] = collections.Counter()
@@ -435,8 +439,7 @@ async def test_a_scanned_new_directory_publishes_each_file_once(env, monkeypatch
         reads[os.path.basename(path)] += 1
         return real(path, before)
 
-    monkeypatch.setattr(reader_mod, "read_small", counting)
-    monkeypatch.setattr(examine_mod, "read_small", counting)
+    monkeypatch.setattr(reader_mod, "read_small", counting)  # prefetch's and read_small_packed's
     w = env.worker("v")
     await until(lambda: w.index, what="index open")
     names = ["d"] + [f"d/f{i:03d}" for i in range(300)]
@@ -463,8 +466,8 @@ async def test_a_change_after_the_group_read_is_published(env, monkeypatch):
     real = volume_mod.prefetch
     loop = asyncio.get_running_loop()
 
-    def racing_prefetch(root, paths, bs, *a):
-        out = real(root, paths, bs, *a)
+    def racing_prefetch(root, paths, bs, *a, **kw):
+        out = real(root, paths, bs, *a, **kw)
         if "f30" in paths:
             time.sleep(0.01)  # a different mtime
             (w.vol.path / "f30").write_bytes(b"new" * 100)
@@ -608,3 +611,26 @@ async def test_files_in_a_new_directory_made_during_a_backlog_overtake_it(env):
     seqs = {e.path: e.seq for e in env.sink.files("v")}
     later = sum(1 for n in names if seqs[n] > seqs["newdir/f"])
     assert later > 500, f"only {later} backlog files were published after the new directory's file"
+
+
+async def test_compressible_content_travels_compressed_and_arrives_intact(env):
+    """source.compression: blocks and small files that compress are sent compressed (fewer bytes
+    on the wire), incompressible ones as they are; the real decoder gives back the exact bytes."""
+    w = env.worker("v", compression="zstd")
+    await until(lambda: w.index, what="index open")
+    text = b"registry entry 000123: land parcel, owner, boundaries\n" * 1200  # 64 KiB, compresses
+    noise = os.urandom(50_000)
+    (w.vol.path / "small.txt").write_bytes(text[:9000])
+    (w.vol.path / "small.bin").write_bytes(noise[:9000])
+    (w.vol.path / "big.txt").write_bytes(text)
+    (w.vol.path / "big.bin").write_bytes(noise)
+    w.scan_found([], ["small.txt", "small.bin", "big.txt", "big.bin"], {})
+    await until(lambda: len(committed(env.state, "v")) == 4, timeout=30, what="all committed")
+    assert env.sink.files("v", "small.txt")[-1].payload == text[:9000]
+    assert env.sink.files("v", "small.bin")[-1].payload == noise[:9000]
+    for name, want in (("big.txt", text), ("big.bin", noise)):
+        blocks = sorted(env.sink.ops("v", "block", name), key=lambda e: e["off"])
+        assert b"".join(e.payload for e in blocks) == want
+    wire_bytes = {n: env.sink.wire_bytes("v", n) for n in ("small.txt", "small.bin", "big.txt", "big.bin")}
+    assert wire_bytes["small.txt"] < 2000 and wire_bytes["big.txt"] < 8000, wire_bytes
+    assert wire_bytes["small.bin"] > 9000 and wire_bytes["big.bin"] > 50_000, wire_bytes
