@@ -262,17 +262,8 @@ class VolumeWorker:
         try:
             self._b = self._batch()
             for i in range(0, len(due), PREFETCH_PATHS):
-                if not self.dirty.is_live(due[i]) and self._ahead():
-                    if self._b.paths:
-                        await self._next_batch()
-                    await self._pace(None)
-                if not self.dirty.is_live(due[i]) and self.dirty.live_due(time.monotonic()):
-                    # priority lane: live changes overtake a backlog (initial sync, rescan); the
-                    # batch so far goes now, the live ones in their own batch, then the backlog
-                    if self._b.paths:
-                        await self._next_batch()
-                    await self._take(self.dirty.live_due(time.monotonic()))
-                    await self._next_batch()
+                if not self.dirty.is_live(due[i]):
+                    await self._before_backlog()
                 await self._take(due[i : i + PREFETCH_PATHS])
             await self._settle(self._b)
         except asyncio.CancelledError:
@@ -291,6 +282,27 @@ class VolumeWorker:
         finally:
             self._b = None
         self.m.pending_files.labels(self.name).set(len(self.dirty))
+
+    async def _before_backlog(self) -> None:
+        """Before a group of backlog paths (initial sync, rescan): the priority lane, then pacing,
+        until the backlog may go. Live changes that are due overtake it (the batch so far goes now,
+        the live ones in their own batch); while the fastest mirror is far behind, the backlog
+        waits (at most PACE_SLICE in all), and live changes that come meanwhile go at once. Both
+        again after each wait: with writes arriving all the time, a wait ended by a live change
+        must not let the backlog through."""
+        t0 = time.monotonic()
+        while True:
+            live = self.dirty.live_due(time.monotonic())
+            if live:
+                if self._open_batch().paths:
+                    await self._next_batch()
+                await self._take(live)
+                await self._next_batch()
+            if not self._ahead() or time.monotonic() - t0 >= PACE_SLICE:
+                return
+            if self._open_batch().paths:
+                await self._next_batch()
+            await self._pace(None, limit=PACE_SLICE - (time.monotonic() - t0))
 
     def _open_batch(self) -> Batch:
         if self._b is None:
@@ -353,16 +365,17 @@ class VolumeWorker:
     def _ahead(self) -> bool:
         return pacing.hold(self.mirror_behind(), time.monotonic(), self._last_live)
 
-    async def _pace(self, b: Batch | None, current: str | None = None) -> None:
-        """Hold a backlog while the fastest mirror is far behind: records published now would only
-        queue in the partition, in front of any live change. Live changes due meanwhile are
-        published (into ``b`` inside a file, else in their own batch by the caller's lane)."""
+    async def _pace(self, b: Batch | None, current: str | None = None, limit: float = PACE_SLICE) -> None:
+        """Hold a backlog while the fastest mirror is far behind (at most ``limit`` seconds):
+        records published now would only queue in the partition, in front of any live change. Live
+        changes due meanwhile are published into ``b`` inside a file; between files the wait ends
+        and the caller's lane (:meth:`_before_backlog`) serves them, then paces again."""
         if not self._ahead():
             return
         t0 = last = time.monotonic()
         paced = self.m.paced.labels(self.name)
         try:
-            while self._ahead() and last - t0 < PACE_SLICE:
+            while self._ahead() and last - t0 < limit:
                 if b is not None and current is not None:
                     await self._serve_live(b, current, pace=False)
                 elif self.dirty.live_due(time.monotonic()):

@@ -590,6 +590,38 @@ async def test_a_backlog_is_paced_to_the_fastest_mirror_and_live_changes_still_g
     await until(lambda: len(committed(env.state, "v")) == 2402, timeout=15, what="the backlog, once the report is stale")
 
 
+async def test_a_paced_backlog_stays_held_while_live_changes_keep_coming(env):
+    """Writes arriving all the time (50/s) end each pacing wait: the lane publishes them, and the
+    backlog must then wait again, not slip one group through per live change (which queued the
+    whole small-file backlog in front of live writes: mixed p99 3.9 s)."""
+    import daemon.source.pacing as pacing
+    import daemon.source.volume as volume_mod
+
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"b{i:04d}" for i in range(1500)]
+    for n in names:
+        (w.vol.path / n).write_bytes(os.urandom(16000))
+    epoch = env.seqs.epoch
+    (w.vol.path / "first").write_bytes(b"a live change")
+    w.mark("first", force=False)
+    await until(lambda: env.sink.files("v", "first"), what="the first live change")
+    start = env.seqs.last("v")
+    w.scan_found([], names, {})
+    live = []
+    for i in range(75):  # 1.5 s of writes; the mirror reports it has applied nothing since
+        name = f"live{i:02d}"
+        (w.vol.path / name).write_bytes(b"urgent %d" % i)
+        w.mark(name, force=False)
+        live.append(name)
+        w.mirror_position("site-a", epoch, start)
+        await asyncio.sleep(0.02)
+    await until(lambda: all(env.sink.files("v", n) for n in live[:-5]), timeout=3, what="the live changes")
+    backlog = sum(1 for e in env.sink.files("v") if e.path.startswith("b"))
+    window = pacing.PACE_SECONDS * pacing.PACE_MIN_RATE / 16000
+    assert backlog <= window + 2 * volume_mod.PREFETCH_PATHS, f"{backlog} backlog files published past a mirror that is behind"
+
+
 def test_sent_bytes_between_a_position_and_the_head():
     from daemon.source.publisher import Sent
 
