@@ -187,6 +187,7 @@ class MirrorAgent:
 
     async def _durable_commit(self) -> bool:
         """Make everything applied durable, then commit the offsets. False if it could not (handled)."""
+        t0 = time.monotonic()
         try:
             await self.actor.call(self.actor.make_durable)
         except ApplyError as e:
@@ -197,6 +198,7 @@ class MirrorAgent:
             await self._state_failed(str(e))
             return False
         self._last_durable = time.monotonic()
+        self.m.durable_seconds.observe(self._last_durable - t0)
         self._durable.update(self._pending_commit)
         await self._commit()
         return True

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-PACE_SECONDS = 0.75  # a backlog waits while the fastest mirror has more work queued than this ...
+PACE_SECONDS = 0.5  # a backlog waits while the fastest mirror has more work queued than this ...
 PACE_LIVE_WINDOW = 10.0  # ... and a live change came within this many seconds
 PACE_STALE = 5.0  # a report older than this counts for nothing (the site is gone or idle)
 PACE_MIN_RATE = 16 * 1024 * 1024  # bytes/s assumed of a mirror whose apply rate is not measured yet

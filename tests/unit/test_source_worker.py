@@ -532,6 +532,16 @@ async def test_a_live_change_goes_out_in_the_middle_of_a_large_file(env, monkeyp
     assert first_block < live < big_manifest, (first_block, live, big_manifest)
 
 
+async def worker_with_files(env, n: int, size: int):
+    """A worker with ``n`` files of ``size`` random bytes on disk, not scanned yet."""
+    w = env.worker("v")
+    await until(lambda: w.index, what="index open")
+    names = [f"b{i:04d}" for i in range(n)]
+    for name in names:
+        (w.vol.path / name).write_bytes(os.urandom(size))
+    return w, names
+
+
 async def test_a_backlog_is_paced_to_the_fastest_mirror_and_live_changes_still_go(env, monkeypatch):
     """With a mirror reporting it is far behind, the initial sync holds (records would only queue
     in the partition in front of live changes) while a live change is still published; when the
@@ -540,11 +550,7 @@ async def test_a_backlog_is_paced_to_the_fastest_mirror_and_live_changes_still_g
     import daemon.source.volume as volume_mod
 
     monkeypatch.setattr(pacing, "PACE_STALE", 1.5)
-    w = env.worker("v")
-    await until(lambda: w.index, what="index open")
-    names = [f"b{i:04d}" for i in range(1500)]
-    for n in names:
-        (w.vol.path / n).write_bytes(os.urandom(16000))
+    w, names = await worker_with_files(env, 1500, 16000)
     epoch = env.seqs.epoch
     # nobody writing: a backlog goes at full speed, however far behind the mirror is
     idle = [f"a{i:04d}" for i in range(300)]
@@ -597,11 +603,7 @@ async def test_a_paced_backlog_stays_held_while_live_changes_keep_coming(env):
     import daemon.source.pacing as pacing
     import daemon.source.volume as volume_mod
 
-    w = env.worker("v")
-    await until(lambda: w.index, what="index open")
-    names = [f"b{i:04d}" for i in range(1500)]
-    for n in names:
-        (w.vol.path / n).write_bytes(os.urandom(16000))
+    w, names = await worker_with_files(env, 1500, 16000)
     epoch = env.seqs.epoch
     (w.vol.path / "first").write_bytes(b"a live change")
     w.mark("first", force=False)
