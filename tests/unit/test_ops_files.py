@@ -27,7 +27,7 @@ ALERTS = {"ReplicationLagHigh", "MirrorStalled", "ReplicaDrift", "VerificationSt
           "SourceHeartbeatMissing", "AgentDown", "RejectedEvents", "KafkaDisconnected",
           "MirrorQuarantine", "MirrorDeletedByListing", "MirrorLocalErrors", "SourceUnprotectedPaths"}
 PROMQL_WORDS = {"sum", "max", "min", "count", "by", "on", "and", "or", "unless", "rate", "increase", "time", "group_left",
-                "max_over_time", "humanizeDuration", "without", "ignoring", "avg", "bool", "offset", "clamp_min"}
+                "max_over_time", "humanizeDuration", "without", "ignoring", "avg", "bool", "offset", "clamp_min", "histogram_quantile"}
 
 
 def promtool(*args):
