@@ -20,13 +20,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
 from ..config import VOLUME_NAME_RE, Config, ConfigError
 from ..errors import StateError
-from ..kafka import Consumer, Producer, ensure_topics
+from ..kafka import Consumer, Producer, Record, ensure_topics
 from ..metrics import HttpServer, MirrorMetrics
 from ..runtime import StopSignal, periodic, retry_transient, sd_notify, supervise, write_snapshot
 from ..wire import key_for
@@ -66,6 +66,7 @@ class MirrorAgent:
         self.outbox: deque[dict] = deque()  # control requests queued by the actor (thread-safe appends)
         self._last_durable = time.monotonic()
         self._pending_commit: dict[tuple[str, int], int] = {}
+        self._ahead: asyncio.Future[list[Record] | None] | None = None  # the next fetch, made while the actor applies
         self._durable: dict[tuple[str, int], int] = {}  # next offset per partition as of the last durable point
         self._failures = 0
         self._scrub_tokens = 0.0
@@ -146,40 +147,89 @@ class MirrorAgent:
 
     # -- consume loop ---------------------------------------------------------------------------
     async def _consume(self) -> None:
-        while True:
-            try:
-                recs = await self.consumer.getmany(timeout_ms=200)
-            except Exception as e:  # noqa: BLE001 - transient broker trouble: keep the loop alive
-                self._set_kafka(False)
-                log.warning("fetch failed: %s", e)
-                await asyncio.sleep(1.0)
-                continue
-            if recs:
-                res = await self.actor.call(self.actor.apply_records, recs)
-                if res.state_error:
-                    await self._state_failed(res.state_error)
+        """Fetch, apply, make durable, commit. The next fetch runs while the actor applies the
+        previous one (fetching and parsing on the event loop, applying on the actor's thread);
+        when an apply fails, what was fetched ahead is dropped and its partitions are sought
+        back to it, before the positions are rewound."""
+        try:
+            while True:
+                if self._ahead is not None:
+                    recs, self._ahead = await self._ahead, None
+                else:
+                    recs = await self._fetch()
+                if recs is None:
                     continue
-                for tp, off in res.next_offsets.items():
-                    self.position[tp] = off
-                    self._pending_commit[tp] = off
-                if res.error:
-                    backoff = self._backoff()
-                    log.error("apply failed: %s; retrying in %.0f s", res.error, backoff)
-                    if not await self._durable_commit():
+                if recs:
+                    self._ahead = asyncio.ensure_future(self._fetch())
+                    res = await self.actor.call(self.actor.apply_records, recs)
+                    if await self._applied(res, recs):
                         continue
-                    for (t, p), off in res.rewind.items():
-                        self.consumer.seek(t, p, off)
-                        self.position[(t, p)] = off
-                    await asyncio.sleep(backoff)
-                    continue
-                self._failures = 0
-            if self._pending_commit and (
-                time.monotonic() - self._last_durable >= self.mc.commit_interval_ms / 1000 or self.actor.undurable_bytes >= DURABLE_BYTES
-            ):
-                await self._durable_commit()
-            await self._send_requests()
-            if not recs:
-                await self._scrub()
+                if self._pending_commit and (
+                    time.monotonic() - self._last_durable >= self.mc.commit_interval_ms / 1000
+                    or self.actor.undurable_bytes >= DURABLE_BYTES
+                ):
+                    await self._durable_commit()
+                await self._send_requests()
+                if not recs:
+                    await self._scrub()
+        finally:
+            if self._ahead is not None:
+                self._ahead.cancel()
+                self._ahead = None
+
+    async def _fetch(self) -> list[Record] | None:
+        """The next records (None after a failed fetch, once the pause is over)."""
+        try:
+            return await self.consumer.getmany(timeout_ms=200)
+        except Exception as e:  # noqa: BLE001 - transient broker trouble: keep the loop alive
+            self._set_kafka(False)
+            log.warning("fetch failed: %s", e)
+            await asyncio.sleep(1.0)
+            return None
+
+    async def _drop_ahead(self) -> None:
+        """Drop the fetch made ahead, before positions are rewound (a failed apply or durability
+        point): each partition it read is sought back to its first record, so nothing of it is
+        skipped and nothing of it is applied before what comes earlier in the stream (the rewind
+        that follows may go further back)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        if not ahead.done():
+            ahead.cancel()
+        try:
+            recs = await ahead
+        except asyncio.CancelledError:
+            if not ahead.cancelled():
+                raise  # we are being cancelled ourselves
+            return
+        first: dict[tuple[str, int], int] = {}
+        for r in recs or ():
+            first.setdefault((r.topic, r.partition), r.offset)
+        for (t, p), off in first.items():
+            self.consumer.seek(t, p, off)
+
+    async def _applied(self, res: Any, recs: list[Record]) -> bool:
+        """Take an apply's result; True if it failed (handled: positions rewound, paused)."""
+        if res.state_error:
+            await self._state_failed(res.state_error, ((r.topic, r.partition) for r in recs))
+            return True
+        for tp, off in res.next_offsets.items():
+            self.position[tp] = off
+            self._pending_commit[tp] = off
+        if res.error:
+            backoff = self._backoff()
+            log.error("apply failed: %s; retrying in %.0f s", res.error, backoff)
+            if not await self._durable_commit():
+                return True
+            await self._drop_ahead()
+            for (t, p), off in res.rewind.items():
+                self.consumer.seek(t, p, off)
+                self.position[(t, p)] = off
+            await asyncio.sleep(backoff)
+            return True
+        self._failures = 0
+        return False
 
     def _backoff(self) -> float:
         self._failures += 1
@@ -203,14 +253,17 @@ class MirrorAgent:
         await self._commit()
         return True
 
-    async def _state_failed(self, why: str) -> None:
-        """The index (or an fsync) could not be written: back to the last durable point and retry."""
+    async def _state_failed(self, why: str, read: Iterable[tuple[str, int]] = ()) -> None:
+        """The index (or an fsync) could not be written: back to the last durable point and retry.
+        ``read``: partitions of the batch that failed (one seen for the first time is not in
+        ``position`` yet, and must go back too)."""
+        await self._drop_ahead()
         await self.actor.call(self.actor.reset)
         self._pending_commit.clear()
         backoff = self._backoff()
         log.error("cannot make applied changes durable (%s); re-reading from the last durable offsets in %.0f s", why, backoff,
                   extra={"event": "state_error"})
-        for tp in list(self.position):
+        for tp in list(self.position) + [tp for tp in dict.fromkeys(read) if tp not in self.position]:
             off = self._durable.get(tp)
             if off is None:
                 try:

@@ -72,10 +72,12 @@ class Announcement:
 
 @dataclass
 class Faults:
-    """Test seams (never set in production): lose one op of one path; fail every apply while a file exists."""
+    """Test seams (never set in production): lose one op of one path; fail every apply (of one
+    volume, with ``stall_volume``) while a file exists."""
 
     drop: tuple[str, str] | None = None
     stall_file: str | None = None
+    stall_volume: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ class ApplyActor:
         if f.stall_file:
             import os
 
-            if os.path.exists(f.stall_file):
+            if os.path.exists(f.stall_file) and f.stall_volume in (None, vol):
                 raise ApplyError(f"TEST SEAM: injected apply failure ({f.stall_file} exists)")
         if ev.op == "announce":
             self._announce(vol, ev)

@@ -1194,9 +1194,9 @@ def machine(tmp: Path) -> dict:
 
 
 def report(ctx_args: argparse.Namespace, mach: dict, results: dict, wall: float, notes: list[str]) -> tuple[str, list[dict]]:
-    cmd = "python tests/bench/run.py " + shlex.join(sys.argv[1:])
+    cmd = "`python tests/bench/run.py " + shlex.join(sys.argv[1:]).strip() + "`"
     if os.environ.get("MAKELEVEL"):
-        cmd = f"make bench (`{cmd.strip()}`)"
+        cmd = f"`make bench` ({cmd})"
     L = [
         "# Benchmarks",
         "",
@@ -1204,7 +1204,7 @@ def report(ctx_args: argparse.Namespace, mach: dict, results: dict, wall: float,
         "against its baseline run in the same invocation on the same data. Profiles, the Kafka client side by side",
         "(`make bench-kafka`) and what the floors that fail would need: `docs/performance.md`.",
         "",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; command: `{cmd.strip()}`; scale: **{ctx_args.scale}**; "
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; command: {cmd}; scale: **{ctx_args.scale}**; "
         f"whole run {wall / 60:.1f} min",
         f"- machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach['mem_gib']} GiB memory, Linux {mach['kernel']}, "
         f"temp data on {mach['fs']}; load average {mach['load_start'][0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",

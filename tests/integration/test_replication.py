@@ -292,3 +292,36 @@ def test_batches_fit_a_topic_created_with_a_smaller_record_limit(setup_factory, 
     m = s.add_mirror().start()
     wait_converged(v, s.mirror_path(), timeout=90, agents=[s.source, m])
     assert "MessageSizeTooLarge" not in s.source.log_tail(200)
+
+
+def test_a_failed_apply_skips_nothing_fetched_ahead_for_another_partition(setup_factory, tmp_path):
+    """The mirror fetches the next records while it applies. Every apply of volume alpha fails (as
+    on a full disk) while volume beta, on another partition, keeps going: each failure drops what
+    was fetched ahead, and beta's records in it must be read again, not skipped (the failure only
+    rewinds alpha's partition). A skip would leave beta short until a checkpoint disagreed and a
+    repair refilled it: both are counted, and must stay at zero."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    part = DefaultPartitioner()
+    assert part(b"alpha", [0, 1, 2], [0, 1, 2]) != part(b"beta", [0, 1, 2], [0, 1, 2])  # two partitions of the 3
+    s = setup_factory(volumes=("alpha", "beta"))
+    stall = tmp_path / "stall"
+    stall.touch()
+    m = s.add_mirror()
+    m.seams = ["--stall-file", str(stall), "--stall-volume", "alpha"]
+    m.start()
+    s.source.start()
+    a, b = s.src["alpha"], s.src["beta"]
+    for i in range(2000):
+        (a / f"f{i:04d}").write_bytes(os.urandom(1500))
+        (b / f"f{i:04d}").write_bytes(os.urandom(1500))
+    wait_converged(b, s.mirror_path("beta"), timeout=90, agents=[s.source, m])  # while alpha fails
+    assert m.metric("volmirror_mirror_apply_errors_total", volume="alpha") >= 2
+    assert not s.mirror_path("alpha").exists() or len(list(s.mirror_path("alpha").iterdir())) < 2000
+    stall.unlink()
+    wait_converged(a, s.mirror_path("alpha"), timeout=90, agents=[s.source, m])
+    wait_converged(b, s.mirror_path("beta"), timeout=30, agents=[s.source, m])
+    counted = m.metrics()
+    repairs = sum(v for (n, _), v in counted.items() if n == "volmirror_repair_requests_total")
+    mismatches = sum(v for (n, lb), v in counted.items() if n == "volmirror_checkpoints_total" and ("result", "mismatch") in lb)
+    assert repairs == 0 and mismatches == 0, f"{repairs} repair request(s), {mismatches} checkpoint mismatch(es)"
