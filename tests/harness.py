@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -52,7 +53,12 @@ class Broker:
         subprocess.run(["bash", str(self.SCRIPT), "start-node", str(n), "--data", self.data], capture_output=True, check=True)
 
     def stop(self) -> None:
+        """Stop every node and remove the data directory (its logs, up to a few GiB after a
+        benchmark; 145 of them had filled the disk before this), unless VOLMIRROR_KEEP_KAFKA_DATA
+        is set."""
         subprocess.run(["bash", str(self.SCRIPT), "stop", "--data", self.data], capture_output=True)
+        if not os.environ.get("VOLMIRROR_KEEP_KAFKA_DATA"):
+            shutil.rmtree(self.data, ignore_errors=True)
 
 
 def free_port_range(n: int) -> int:
