@@ -72,10 +72,16 @@ def split(data: bytes, block_size: int, start_index: int = 0) -> Iterator[tuple[
 
 def changed(block: Block, known: bytes | None) -> bool:
     """Has this block changed relative to the concatenated hash list ``known``?"""
+    return differs(known, block.index, block.hash)
+
+
+def differs(known: bytes | None, index: int, h: bytes) -> bool:
+    """Is ``h`` not the hash of block ``index`` in the concatenated hash list ``known``? (The
+    reader's form of :func:`changed`: no Block is built for the blocks that did not change.)"""
     if known is None:
         return True
-    start = block.index * HASH_LEN
-    return known[start : start + HASH_LEN] != block.hash
+    start = index * HASH_LEN
+    return known[start : start + HASH_LEN] != h
 
 
 def truncate_hashes(hashes: bytes, size: int, block_size: int) -> bytes:

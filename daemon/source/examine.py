@@ -75,7 +75,10 @@ class Examiner:
     def _abs(self, rel: str) -> str:
         return os.path.join(self.root, rel)
 
-    async def send(self, b: Batch, op: str, fields: dict[str, Any], payload: bytes = b"") -> None:
+    async def send(self, b: Batch, op: str, fields: dict[str, Any], payload: bytes = b"", z: str = "") -> None:
+        """Publish one op into ``b``; ``z``: the codec ``payload`` is compressed with ("": none)."""
+        if z:
+            fields["z"] = z
         b.sent(op, await self.pub.send(self.name, op, fields, payload))
 
     async def path(self, b: Batch, path: str, *, force: bool, mirror_hashes: bytes | None = None, resync: bool = False,
@@ -159,9 +162,9 @@ class Examiner:
             b.put(Entry(path, SYMLINK, 0, st.mtime_ns, st.ino, 0, target))
 
     async def _small(self, b: Batch, path: str, st: Stat, e: Entry | None, *, resend: bool, pre: Pre | None) -> None:
-        """A file of at most one block: one read (``pre``: already read with ``st``), and one
+        """A file of at most one block: one read (``pre``: its content, already read with ``st``), and one
         ``file`` record with its content (or a manifest if only its metadata changed)."""
-        if pre is not None and pre.data is not None:
+        if pre is not None:
             data, (payload, z) = pre.data, pre.packed
         else:
             data, (payload, z) = await asyncio.to_thread(read_small_packed, self._abs(path), st, self.codec)
@@ -177,11 +180,8 @@ class Examiner:
             await self.send(b, "manifest", {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(),
                                             "bs": self.vol.block_size})
         else:
-            fields = {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(), "hash": h.hex(),
-                      "bs": self.vol.block_size}
-            if z:
-                fields["z"] = z
-            await self.send(b, "file", fields, payload)
+            await self.send(b, "file", {"path": path, "size": st.size, "mode": st.mode, "mtime_ns": st.mtime_ns, "root": root.hex(),
+                                        "hash": h.hex(), "bs": self.vol.block_size}, payload, z)
             if st.size:
                 b.sent_block(path, 0)
                 b.blocks["changed"] += 1
@@ -217,9 +217,7 @@ class Examiner:
                 first = False
                 for blk, payload, z in seg.changed:
                     fields = {"path": path, "off": blk.offset, "len": blk.length, "hash": blk.hash.hex(), "size": st.size, "zero": blk.zero, "bs": bs}
-                    if z:
-                        fields["z"] = z
-                    await self.send(b, "block", fields, payload)
+                    await self.send(b, "block", fields, payload, z)
                     b.sent_block(path, blk.index)
                     b.blocks["zero" if blk.zero else "changed"] += 1
                     if not blk.zero:

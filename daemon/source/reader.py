@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ..blocks import HASH_LEN, Block, block_hash, is_zero
+from ..blocks import Block, block_hash, differs, is_zero
 from ..codec import Packer, pack
 from ..errors import FileChangedError, VolmirrorError, os_error
 
@@ -147,14 +147,17 @@ def _span(path: str, fd: int, start: int, end: int, block_size: int, known: byte
     changed_blocks: list[tuple[Block, bytes, str]] = []
     unchanged = 0
     idx = start // block_size
+
+    def add_changed(data: bytes, h: bytes) -> None:
+        zero = is_zero(data)
+        changed_blocks.append((Block(idx, idx * block_size, len(data), h, zero), *((b"", "") if zero else packer.pack(data))))
+
     if known is None:  # every block is sent: read each into its own bytes (one copy, not two)
         for off in range(start, end, block_size):
-            want = min(block_size, end - off)
-            data = _pread_all(path, fd, want, off)
+            data = _pread_all(path, fd, min(block_size, end - off), off)
             h = block_hash(data)
             hashes += h
-            zero = is_zero(data)
-            changed_blocks.append((Block(idx, off, want, h, zero), *((b"", "") if zero else packer.pack(data))))
+            add_changed(data, h)
             idx += 1
         return bytes(hashes), changed_blocks, unchanged
     n = end - start
@@ -169,12 +172,10 @@ def _span(path: str, fd: int, start: int, end: int, block_size: int, known: byte
         chunk = mv[a : a + block_size]
         h = block_hash(chunk)
         hashes += h
-        if known[idx * HASH_LEN : (idx + 1) * HASH_LEN] == h:
-            unchanged += 1
+        if differs(known, idx, h):
+            add_changed(bytes(chunk), h)
         else:
-            data = bytes(chunk)
-            zero = is_zero(data)
-            changed_blocks.append((Block(idx, idx * block_size, len(data), h, zero), *((b"", "") if zero else packer.pack(data))))
+            unchanged += 1
         idx += 1
     mv.release()
     return bytes(hashes), changed_blocks, unchanged
