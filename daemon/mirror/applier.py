@@ -11,7 +11,9 @@ Writes never follow symlinks (parents are checked by the jail, the final compone
 agent calls before it records progress and commits offsets: one ``syncfs(2)`` per file system touched
 (volume roots), which flushes every written file and directory in one journal commit, instead of one
 ``fsync`` per file (a journal commit each: the limit of small-file throughput). Where ``syncfs`` is
-not available, every touched file and directory is fsynced as before.
+not available, every touched file and directory is fsynced as before. Every 16 MiB applied, a
+*write-behind* starts the same syncfs on a helper thread, so the disk writes while the next records
+are applied and a durability point waits for little; it is only a hint (see :meth:`Applier.write_behind`).
 
 A new file in an existing directory is created with one ``open(O_CREAT|O_EXCL)``; anything else at
 the path (or a missing parent) takes the general route that looks first.
@@ -25,6 +27,7 @@ import os
 import shutil
 import stat
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..blocks import _zeros
@@ -33,6 +36,7 @@ from ..wire import Event
 from .jail import resolve
 
 MAX_OPEN = 64
+WRITE_BEHIND_BYTES = 16 * 1024 * 1024  # applied bytes between two background writebacks (write_behind)
 
 
 def _load_syncfs():  # type: ignore[no-untyped-def]
@@ -80,6 +84,11 @@ class Applier:
         self._dirs: set[str] = set()
         self._touched: set[str] = set()  # volume roots written below since the last sync (syncfs mode)
         self._made_roots: set[str] = set()
+        self._root_dev: dict[str, int] = {}  # volume root → its file system (syncfs mode)
+        self._dev_fd: dict[int, int] = {}  # file system → a volume root held open for syncfs
+        self._pool: ThreadPoolExecutor | None = None  # write-behind helper, started on first use
+        self._behind: Future[None] | None = None
+        self._since_behind = 0  # bytes applied since the last write-behind or sync
         self.merged = False  # the last rename merged into an existing directory
         self.noop = False  # the last rename found no source and an existing destination
 
@@ -91,8 +100,25 @@ class Applier:
                 os.makedirs(r, exist_ok=True)
             except OSError as e:
                 raise ApplyError(f"cannot create volume root {r}: {e.strerror}", e.errno, vol) from None
+            if self.syncfs:
+                self._hold_root(r)
             self._made_roots.add(r)
         return r
+
+    def _hold_root(self, r: str) -> None:
+        """Open the volume root once and keep it open for syncfs: a writeback error is reported
+        (once) to a descriptor opened *before* it happened, so a descriptor opened at each sync
+        would miss an error of the kernel's own background writeback in between."""
+        try:
+            fd = os.open(r, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise ApplyError(f"cannot open volume root {r} to sync it: {e.strerror}", e.errno) from None
+        dev = os.fstat(fd).st_dev
+        self._root_dev[r] = dev
+        if dev in self._dev_fd:
+            os.close(fd)  # one held descriptor per file system
+        else:
+            self._dev_fd[dev] = fd
 
     def apply(self, ev: Event) -> int:
         """Apply one op; returns block bytes written. Raises RejectedEvent or ApplyError."""
@@ -100,10 +126,14 @@ class Applier:
         self._touched.add(vr)
         try:
             full = resolve(vr, ev.path)  # lstat of parents: ENAMETOOLONG, EACCES surface here too
-            return getattr(self, "_op_" + ev.op)(vr, full, ev)
+            n = getattr(self, "_op_" + ev.op)(vr, full, ev)
         except OSError as e:
             rel = os.path.join(ev.vol, ev.path)
             raise ApplyError(str(os_error(ev.op, rel, e)), e.errno, ev.path) from None
+        self._since_behind += n
+        if self._since_behind >= WRITE_BEHIND_BYTES:
+            self.write_behind()
+        return n
 
     def sync(self) -> None:
         """Make everything applied so far durable; close the file descriptors."""
@@ -133,30 +163,65 @@ class Applier:
             os.close(fd)  # written data stays in the page cache: syncfs flushes it
         self._fds.clear()
         self._dirs.clear()
-        done: set[int] = set()
-        for vr in sorted(self._touched):
-            try:
-                fd = os.open(vr, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as e:
-                raise ApplyError(f"cannot open {vr} to sync it: {e.strerror}", e.errno) from None
-            try:
-                dev = os.fstat(fd).st_dev
-                if dev not in done:
-                    if _SYNCFS(fd) != 0:
-                        err = ctypes.get_errno()
-                        raise ApplyError(f"syncfs of {vr} failed: {os.strerror(err)}", err)
-                    done.add(dev)
-            finally:
-                os.close(fd)
+        self._wait_behind()  # raises what the write-behind met: it may have taken the error's only report
+        for vr, fd in self._sync_fds().items():
+            if _SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise ApplyError(f"syncfs of {vr} failed: {os.strerror(err)}", err)
         self._touched.clear()
+        self._since_behind = 0
+
+    def _sync_fds(self) -> dict[str, int]:
+        """One held descriptor per file system touched since the last sync (volume root → fd)."""
+        out: dict[str, int] = {}
+        seen: set[int] = set()
+        for vr in sorted(self._touched):
+            dev = self._root_dev[vr]
+            if dev not in seen:
+                seen.add(dev)
+                out[vr] = self._dev_fd[dev]
+        return out
+
+    def write_behind(self) -> None:
+        """Start writing back what was applied so far, on a helper thread (a ``syncfs`` of the
+        file systems touched), unless one is still running: the disk works while the next records
+        are applied, and the next :meth:`sync` has little left to wait for. A hint only: nothing
+        is recorded as durable because of it, and an error it meets is raised by the next
+        :meth:`sync` (syncfs reports a writeback error once per descriptor: the helper may be the
+        one that sees it)."""
+        if not self.syncfs or not self._touched or (self._behind is not None and not self._behind.done()):
+            return
+        if self._behind is not None and self._behind.exception() is not None:
+            return  # keep the error for sync()
+        self._since_behind = 0
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="volmirror-write-behind")
+        self._behind = self._pool.submit(self._behind_run, self._sync_fds())
+
+    @staticmethod
+    def _behind_run(fds: dict[str, int]) -> None:
+        for vr, fd in fds.items():
+            if _SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise ApplyError(f"syncfs of {vr} failed (write-behind): {os.strerror(err)}", err)
+
+    def _wait_behind(self) -> None:
+        fut, self._behind = self._behind, None
+        if fut is not None:
+            fut.result()
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for fd in [*self._fds.values(), *self._dev_fd.values()]:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds.clear()
+        self._dev_fd.clear()
+        self._root_dev.clear()
 
     # -- helpers --------------------------------------------------------------------------------
     def _touch_dir(self, full: str) -> None:

@@ -14,7 +14,7 @@ import tempfile
 NF = int(os.environ.get("NF", "5000")); BIG = int(os.environ.get("BIG", "256"))
 SPY = os.environ.get("SPY")
 tmp = Path(tempfile.mkdtemp(prefix="prof-"))
-b = Broker()
+b = Broker(**({"prefix": os.environ["BROKER_DIR"] + "/kafka-"} if os.environ.get("BROKER_DIR") else {}))  # BROKER_DIR: the broker's log elsewhere (e.g. tmpfs) to see what it costs the mirror's syncfs
 try:
     s = Setup(tmp, b.bootstrap, "prof.t")
     v = s.src["vol1"]
@@ -27,6 +27,20 @@ try:
             for _ in range(BIG): f.write(os.urandom(1 << 20))
     m = s.add_mirror(); m.log_level = "info"; s.source.log_level = "info"
     m.start()
+    def stat():
+        f = open("/proc/stat").readline().split()[1:]
+        return [int(x) for x in f]
+    def java_cpu():
+        tot = 0
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and b"kafka" in open(f"/proc/{pid}/cmdline", "rb").read():
+                    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                    tot += int(f[11]) + int(f[12])
+            except OSError:
+                pass
+        return tot / os.sysconf("SC_CLK_TCK")
+    st0, j0 = stat(), java_cpu()
     t0 = time.monotonic()
     s.source.start(wait_ready=False)
     spies = []
@@ -45,6 +59,13 @@ try:
         return f"{int(f[11]) / os.sysconf('SC_CLK_TCK'):.1f}u+{int(f[12]) / os.sysconf('SC_CLK_TCK'):.1f}s"
     def hwm(pid):
         return next(l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")).split()[1]
+    st1, j1 = stat(), java_cpu()
+    d = [b - a for a, b in zip(st0, st1)]
+    hz = os.sysconf("SC_CLK_TCK")
+    print(f"machine over the run: user {d[0]/hz:.1f} sys {d[2]/hz:.1f} idle {d[3]/hz:.1f} iowait {d[4]/hz:.1f} irq+softirq {(d[5]+d[6])/hz:.1f} s; broker cpu {j1 - j0:.1f} s")
+    mm = m.metrics()
+    dn, ds = (sum(v for (n, _), v in mm.items() if n == f"volmirror_mirror_durable_point_seconds_{k}") for k in ("count", "sum"))
+    print(f"mirror durability points: {dn:.0f}, {ds:.1f} s in all")
     print(f"NF={NF} BIG={BIG}MiB: converged in {el:.1f}s; source cpu {cpu(s.source.proc.pid)} rss {hwm(s.source.proc.pid)}kB; mirror cpu {cpu(m.proc.pid)} rss {hwm(m.proc.pid)}kB", flush=True)
     import json
     for l in open(tmp/"source.log"):

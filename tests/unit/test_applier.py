@@ -172,6 +172,94 @@ def test_a_failing_syncfs_is_an_apply_error(tmp_path, monkeypatch):
         a.close()
 
 
+def _big_file(n_blocks):
+    data = os.urandom(BS)
+    size = BS * n_blocks
+    return [mk("truncate", path="big", size=size, bs=BS)] + [blk("big", i * BS, data, size) for i in range(n_blocks)]
+
+
+def test_write_behind_starts_a_background_syncfs_and_sync_still_syncs(tmp_path, monkeypatch):
+    """Every WRITE_BEHIND_BYTES applied, a syncfs runs on a helper thread; the durability point
+    (sync) still makes its own, after waiting for the helper."""
+    import threading
+
+    import daemon.mirror.applier as A
+
+    calls = []
+    monkeypatch.setattr(A, "_SYNCFS", lambda fd: calls.append(threading.current_thread().name) or 0)
+    monkeypatch.setattr(A, "WRITE_BEHIND_BYTES", 4 * BS)
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        for e in _big_file(9):  # 9 blocks: write-behinds after the 4th and the 8th
+            a.apply(e)
+            if a._behind is not None:
+                a._behind.result()  # let each finish, so none is skipped as still running
+        behind = [c for c in calls if c.startswith("volmirror-write-behind")]
+        assert len(behind) == 2 and len(calls) == 2
+        a.sync()
+        assert len(calls) == 3 and not calls[-1].startswith("volmirror-write-behind")
+    finally:
+        a.close()
+    assert (tmp_path / "root" / "v" / "big").stat().st_size == 9 * BS
+
+
+def test_an_error_met_by_the_write_behind_is_raised_by_the_next_sync(tmp_path, monkeypatch):
+    """syncfs reports a writeback error once per descriptor: if the helper thread saw it, the
+    durability point must fail although its own syncfs succeeds."""
+    import ctypes
+    import threading
+
+    import daemon.mirror.applier as A
+
+    def syncfs(fd):
+        if threading.current_thread().name.startswith("volmirror-write-behind"):
+            ctypes.set_errno(5)
+            return -1
+        return 0
+
+    monkeypatch.setattr(A, "_SYNCFS", syncfs)
+    monkeypatch.setattr(A, "WRITE_BEHIND_BYTES", 2 * BS)
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        for e in _big_file(3):
+            a.apply(e)
+        with pytest.raises(A.ApplyError, match="write-behind") as ei:
+            a.sync()
+        assert ei.value.errno == 5
+        a.sync()  # reported once; the agent re-applies from its last durable point, then syncs again
+    finally:
+        a.close()
+
+
+def test_the_volume_root_is_held_open_so_syncfs_sees_errors_of_background_writeback(tmp_path, monkeypatch):
+    """One descriptor per file system, opened when the volume root is first used and kept: a
+    descriptor opened at each sync would not be told of a writeback error that happened before."""
+    import daemon.mirror.applier as A
+
+    fds, opened = [], []
+    real_open = os.open
+
+    def spy_open(path, flags, *rest, **kw):
+        if flags & os.O_DIRECTORY:
+            opened.append(os.path.basename(path))
+        return real_open(path, flags, *rest, **kw)
+
+    monkeypatch.setattr(A, "_SYNCFS", lambda fd: fds.append(fd) or 0)
+    monkeypatch.setattr(A.os, "open", spy_open)
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        for i in range(3):
+            a.apply(mk("mkdir", path=f"d{i}", mode=0o755))
+            a.sync()
+        # a second volume on the same file system: still one descriptor, one syncfs
+        a.apply(wire.Event(op="mkdir", vol="w", seq=1, epoch="e", ts=1.0, fields={"path": "x", "mode": 0o755}, payload=b""))
+        a.sync()
+    finally:
+        a.close()
+    assert len(fds) == 4 and len(set(fds)) == 1
+    assert opened == ["v", "w"]  # each root opened once, not at each sync
+
+
 def test_without_syncfs_every_file_is_fsynced(tmp_path, monkeypatch):
     import daemon.mirror.applier as A
 
