@@ -42,6 +42,11 @@ class StateError(TransientError):
     durable point; the agent reports it and retries until space returns."""
 
 
+class DurabilityError(StateError):
+    """Applied data could not be made durable (fsync or syncfs failed): everything applied since the
+    last durable point is suspect, so the mirror goes back to that point and applies it again."""
+
+
 class PermanentError(VolmirrorError):
     """Retrying will not help (topic cannot be created, state directory unwritable)."""
 

@@ -89,6 +89,7 @@ class Applier:
         self._pool: ThreadPoolExecutor | None = None  # write-behind helper, started on first use
         self._behind: Future[None] | None = None
         self._since_behind = 0  # bytes applied since the last write-behind or sync
+        self._failed: ApplyError | None = None  # a sync failed: raised again until clear_failure()
         self.merged = False  # the last rename merged into an existing directory
         self.noop = False  # the last rename found no source and an existing destination
 
@@ -106,9 +107,11 @@ class Applier:
         return r
 
     def _hold_root(self, r: str) -> None:
-        """Open the volume root once and keep it open for syncfs: a writeback error is reported
-        (once) to a descriptor opened *before* it happened, so a descriptor opened at each sync
-        would miss an error of the kernel's own background writeback in between."""
+        """Open the volume root once and keep it open for syncfs. syncfs reports a writeback error
+        once per descriptor (Linux 5.8+: the descriptor samples the file system's error sequence
+        when opened); a descriptor opened at each sync would not be told of an error that another
+        syncfs caller on the same file system (another process, or our own write-behind) saw
+        first. One descriptor held from before our writes is told of every error since."""
         try:
             fd = os.open(r, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
@@ -130,13 +133,32 @@ class Applier:
         except OSError as e:
             rel = os.path.join(ev.vol, ev.path)
             raise ApplyError(str(os_error(ev.op, rel, e)), e.errno, ev.path) from None
-        self._since_behind += n
-        if self._since_behind >= WRITE_BEHIND_BYTES:
-            self.write_behind()
+        if self.syncfs:
+            self._since_behind += n
+            if self._since_behind >= WRITE_BEHIND_BYTES:
+                self.write_behind()
         return n
 
     def sync(self) -> None:
-        """Make everything applied so far durable; close the file descriptors."""
+        """Make everything applied so far durable; close the file descriptors.
+
+        A failure is *sticky*: the kernel reports a writeback error only once, so every later
+        call raises it again until :meth:`clear_failure` (after the caller went back to its last
+        durable point and will apply everything since again); otherwise a second sync, finding
+        nothing to report, would let data that never reached the disk be recorded as durable."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._sync()
+        except ApplyError as e:
+            self._failed = e
+            raise
+
+    def clear_failure(self) -> None:
+        """The caller is back at its last durable point (everything since will be applied again)."""
+        self._failed = None
+
+    def _sync(self) -> None:
         if self.syncfs:
             self._sync_fs()
             return
@@ -171,16 +193,33 @@ class Applier:
         self._touched.clear()
         self._since_behind = 0
 
-    def _sync_fds(self) -> dict[str, int]:
-        """One held descriptor per file system touched since the last sync (volume root → fd)."""
+    def _sync_fds(self, *, check: bool = True) -> dict[str, int]:
+        """One held descriptor per file system touched since the last sync (volume root → fd).
+
+        A volume root that is no longer on the file system its descriptor was opened on (a file
+        system mounted there since, or the root removed) raises ApplyError: a syncfs of the old
+        one would not make what was written durable. The root is held again when next used."""
         out: dict[str, int] = {}
         seen: set[int] = set()
         for vr in sorted(self._touched):
             dev = self._root_dev[vr]
+            if check and (now := self._dev_now(vr)) != dev:
+                self._made_roots.discard(vr)
+                self._touched.discard(vr)
+                del self._root_dev[vr]
+                raise ApplyError(f"volume root {vr} is not on the file system it was synced on (device {dev}, now: {now}): "
+                                 "written data cannot be made durable there", errno.EIO)
             if dev not in seen:
                 seen.add(dev)
                 out[vr] = self._dev_fd[dev]
         return out
+
+    @staticmethod
+    def _dev_now(vr: str) -> int | str:
+        try:
+            return os.stat(vr).st_dev
+        except OSError as e:
+            return e.strerror or "stat failed"
 
     def write_behind(self) -> None:
         """Start writing back what was applied so far, on a helper thread (a ``syncfs`` of the
@@ -196,7 +235,7 @@ class Applier:
         self._since_behind = 0
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="volmirror-write-behind")
-        self._behind = self._pool.submit(self._behind_run, self._sync_fds())
+        self._behind = self._pool.submit(self._behind_run, self._sync_fds(check=False))
 
     @staticmethod
     def _behind_run(fds: dict[str, int]) -> None:
@@ -222,6 +261,7 @@ class Applier:
         self._fds.clear()
         self._dev_fd.clear()
         self._root_dev.clear()
+        self._made_roots.clear()
 
     # -- helpers --------------------------------------------------------------------------------
     def _touch_dir(self, full: str) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..config import VOLUME_NAME_RE, MirrorConfig
-from ..errors import RejectedEvent, StateError
+from ..errors import DurabilityError, RejectedEvent, StateError
 from ..kafka import Record
 from ..wire import Event, decode
 from . import repair as R
@@ -178,8 +178,9 @@ class ApplyActor:
                     continue
             except (sqlite3.Error, StateError) as e:
                 self.idx.reset()
-                self.m.local_errors.labels("state_dir").inc()
-                res.state_error = f"mirror index write failed at volume {ev.vol}, partition {r.partition}, offset {r.offset}: {e}"
+                self.m.local_errors.labels("disk" if isinstance(e, DurabilityError) else "state_dir").inc()
+                what = "applied data could not be made durable" if isinstance(e, DurabilityError) else "mirror index write failed"
+                res.state_error = f"{what} at volume {ev.vol}, partition {r.partition}, offset {r.offset}: {e}"
                 return res
             except Exception as e:  # noqa: BLE001 - a bug met by one record must not stall the stream forever
                 log.exception("internal error applying %s %s (partition %d, offset %d)", ev.op, ev.path, r.partition, r.offset,
@@ -268,12 +269,19 @@ class ApplyActor:
                       extra={"volume": vol, "event": "apply"})
         if ev.op == "rename":
             # durability barrier: everything before the rename is made durable and recorded, then
-            # the rename itself, so a replay never re-runs a rename after later ops
-            self.make_durable()
+            # the rename itself, so a replay never re-runs a rename after later ops. A failure here
+            # is not the rename's: what came before it is not durable (back to the last durable point)
+            try:
+                self.make_durable()
+            except ApplyError as e:
+                raise DurabilityError(f"cannot make the changes before a rename durable: {e}") from None
             n = self.applier.apply(ev)
             self.verifier.applied(ev)
             self._cleared(ev)
-            self.applier.sync()
+            try:
+                self.applier.sync()
+            except ApplyError as e:
+                raise DurabilityError(f"cannot make a rename durable: {e}") from None
             prog.epoch, prog.seq = ev.epoch, ev.seq
             self._seen(ev, prog)
             self.idx.checkpoint()
@@ -379,7 +387,9 @@ class ApplyActor:
         self.undurable_bytes = 0
 
     def reset(self) -> None:
+        """Back to the last durable point (the loop re-reads from its offsets)."""
         self.idx.reset()
+        self.applier.clear_failure()
         for vol in list(self.spool.active):
             self.spool.discard(vol)
         self.undurable_bytes = 0

@@ -203,16 +203,21 @@ def test_write_behind_starts_a_background_syncfs_and_sync_still_syncs(tmp_path, 
     assert (tmp_path / "root" / "v" / "big").stat().st_size == 9 * BS
 
 
-def test_an_error_met_by_the_write_behind_is_raised_by_the_next_sync(tmp_path, monkeypatch):
+def test_an_error_met_by_the_write_behind_is_raised_by_the_next_sync_and_stays_until_cleared(tmp_path, monkeypatch):
     """syncfs reports a writeback error once per descriptor: if the helper thread saw it, the
-    durability point must fail although its own syncfs succeeds."""
+    durability point must fail although its own syncfs succeeds, and so must every later one
+    until the caller went back to its last durable point (a second sync would find nothing to
+    report and let data that never reached the disk be recorded as durable)."""
     import ctypes
     import threading
 
     import daemon.mirror.applier as A
 
+    helper_calls = []
+
     def syncfs(fd):
         if threading.current_thread().name.startswith("volmirror-write-behind"):
+            helper_calls.append(fd)
             ctypes.set_errno(5)
             return -1
         return 0
@@ -221,12 +226,109 @@ def test_an_error_met_by_the_write_behind_is_raised_by_the_next_sync(tmp_path, m
     monkeypatch.setattr(A, "WRITE_BEHIND_BYTES", 2 * BS)
     a = Applier(tmp_path / "root", syncfs=True)
     try:
+        for e in _big_file(8):  # write-behinds due after blocks 2, 4, 6, 8: only the first runs
+            a.apply(e)
+            if a._behind is not None:
+                a._behind.exception()  # wait for it: a later one must not replace a failed one
+        assert len(helper_calls) == 1
+        for _ in range(2):
+            with pytest.raises(A.ApplyError, match="write-behind") as ei:
+                a.sync()
+            assert ei.value.errno == 5
+        a.clear_failure()  # the agent re-reads from its last durable point and applies it again
+        monkeypatch.setattr(A, "WRITE_BEHIND_BYTES", 1 << 40)
         for e in _big_file(3):
             a.apply(e)
-        with pytest.raises(A.ApplyError, match="write-behind") as ei:
+        a.sync()
+    finally:
+        a.close()
+
+
+def test_a_failed_syncfs_of_the_durability_point_is_sticky_too(tmp_path, monkeypatch):
+    import ctypes
+
+    import daemon.mirror.applier as A
+
+    fail = [True]
+
+    def syncfs(fd):
+        if fail[0]:
+            fail[0] = False  # reported once, as the kernel does
+            ctypes.set_errno(5)
+            return -1
+        return 0
+
+    monkeypatch.setattr(A, "_SYNCFS", syncfs)
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        for e in _files(3):
+            a.apply(e)
+        for _ in range(2):
+            with pytest.raises(A.ApplyError, match="syncfs"):
+                a.sync()
+        a.clear_failure()
+        a.sync()
+    finally:
+        a.close()
+
+
+def test_the_durability_point_waits_for_a_running_write_behind(tmp_path, monkeypatch):
+    import threading
+
+    import daemon.mirror.applier as A
+
+    release, order = threading.Event(), []
+
+    def syncfs(fd):
+        if threading.current_thread().name.startswith("volmirror-write-behind"):
+            release.wait(10)
+            order.append("behind")
+        else:
+            order.append("point")
+        return 0
+
+    monkeypatch.setattr(A, "_SYNCFS", syncfs)
+    monkeypatch.setattr(A, "WRITE_BEHIND_BYTES", 2 * BS)
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        for e in _big_file(2):
+            a.apply(e)
+        assert a._behind is not None and not a._behind.done()
+        t = threading.Thread(target=a.sync)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and order == []  # the point waits for the helper
+        release.set()
+        t.join(10)
+        assert order == ["behind", "point"]
+    finally:
+        release.set()
+        a.close()
+
+
+def test_a_volume_root_now_on_another_file_system_fails_the_durability_point(tmp_path, monkeypatch):
+    """A file system mounted on a volume root after it was first held: a syncfs through the held
+    descriptor would flush the old one, so the point fails (the agent rewinds) and the root is
+    held again when next used."""
+    import daemon.mirror.applier as A
+
+    synced = []
+    monkeypatch.setattr(A, "_SYNCFS", lambda fd: synced.append(fd) or 0)
+    a = Applier(tmp_path / "root", syncfs=True)
+    try:
+        a.apply(mk("mkdir", path="d", mode=0o755))
+        a.sync()
+        real = A.Applier._dev_now
+        monkeypatch.setattr(A.Applier, "_dev_now", staticmethod(lambda vr: 4242))
+        a.apply(mk("mkdir", path="e", mode=0o755))
+        with pytest.raises(A.ApplyError, match="not on the file system"):
             a.sync()
-        assert ei.value.errno == 5
-        a.sync()  # reported once; the agent re-applies from its last durable point, then syncs again
+        assert len(synced) == 1
+        monkeypatch.setattr(A.Applier, "_dev_now", staticmethod(real))
+        a.clear_failure()
+        a.apply(mk("mkdir", path="e", mode=0o755))  # held again
+        a.sync()
+        assert len(synced) == 2
     finally:
         a.close()
 

@@ -347,6 +347,40 @@ def test_state_dir_failure_rolls_back_progress_with_the_index(env):
     assert actor.idx.lookup(VOL, "b") is None
 
 
+def test_a_failed_sync_at_a_rename_barrier_goes_back_to_the_last_durable_point(env, monkeypatch):
+    """A rename first makes everything before it durable. If that fails (EIO: the kernel reports it
+    once), the records before it are what is not durable, not the rename: the batch must stop with a
+    state error (the loop re-reads from its last durable offsets), never blame, retry past or
+    quarantine the rename, and no later durability point may succeed until the actor was reset."""
+    import daemon.mirror.applier as A
+
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), *st.file("a", b"1")])
+    seq_before = actor.idx.volumes[VOL].seq
+    recs = [*st.file("b", b"2"), st.rec("rename", path="b", dst="c")]
+    real_sync = actor.applier._sync
+    failures = [1]
+
+    def sync_once_failing():
+        if failures[0]:
+            failures[0] -= 1
+            raise A.ApplyError("syncfs of root failed: Input/output error", errno.EIO)
+        real_sync()
+
+    monkeypatch.setattr(actor.applier, "_sync", sync_once_failing)
+    res = actor.apply_records(recs)
+    assert res.state_error and "durable" in res.state_error and res.error is None and not res.rewind
+    assert actor.snap[VOL].quarantined == 0 and metric(reg, "volmirror_mirror_local_errors_total", kind="disk") == 1
+    with pytest.raises(A.ApplyError):
+        actor.make_durable()  # sticky: the one report of the error was taken
+    assert actor.idx.volumes[VOL].seq == seq_before
+    actor.reset()  # what the agent does, before it re-reads from its last durable offsets
+    apply(actor, recs)
+    assert (vr / "c").read_bytes() == b"2" and not (vr / "b").exists()
+    assert actor.idx.lookup(VOL, "c") is not None and actor.idx.lookup(VOL, "b") is None
+
+
 def test_pwrite_all_loops_on_short_writes(tmp_path, monkeypatch):
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     real = os.pwrite
