@@ -220,8 +220,8 @@ class MirrorAgent:
         if res.error:
             backoff = self._backoff()
             log.error("apply failed: %s; retrying in %.0f s", res.error, backoff)
-            if not await self._durable_commit():
-                return True
+            if not await self._durable_commit([(r.topic, r.partition) for r in recs]):
+                return True  # rewound to the last durable point, the failed batch's partitions included
             await self._drop_ahead()
             for (t, p), off in res.rewind.items():
                 self.consumer.seek(t, p, off)
@@ -235,17 +235,18 @@ class MirrorAgent:
         self._failures += 1
         return min(2.0 ** self._failures, 30.0)
 
-    async def _durable_commit(self) -> bool:
-        """Make everything applied durable, then commit the offsets. False if it could not (handled)."""
+    async def _durable_commit(self, read: Iterable[tuple[str, int]] = ()) -> bool:
+        """Make everything applied durable, then commit the offsets. False if it could not (handled:
+        back to the last durable point; ``read`` as for :meth:`_state_failed`)."""
         t0 = time.monotonic()
         try:
             await self.actor.call(self.actor.make_durable)
         except ApplyError as e:
             self.m.local_errors.labels("disk").inc()
-            await self._state_failed(f"fsync failed: {e}")
+            await self._state_failed(f"fsync failed: {e}", read)
             return False
         except StateError as e:
-            await self._state_failed(str(e))
+            await self._state_failed(str(e), read)
             return False
         self._last_durable = time.monotonic()
         self.m.durable_seconds.observe(self._last_durable - t0)
@@ -257,9 +258,11 @@ class MirrorAgent:
         """The index (or an fsync) could not be written: back to the last durable point and retry.
         ``read``: partitions of the batch that failed (one seen for the first time is not in
         ``position`` yet, and must go back too)."""
+        # first, before any await: if the agent is stopped while this runs, its final commit must
+        # not commit offsets of batches that were never made durable
+        self._pending_commit.clear()
         await self._drop_ahead()
         await self.actor.call(self.actor.reset)
-        self._pending_commit.clear()
         backoff = self._backoff()
         log.error("cannot make applied changes durable (%s); re-reading from the last durable offsets in %.0f s", why, backoff,
                   extra={"event": "state_error"})

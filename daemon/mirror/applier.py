@@ -274,7 +274,7 @@ class Applier:
             fd = self._fds.pop(p)
             try:
                 if not self.syncfs:
-                    os.fsync(fd)
+                    self._fsync(fd, p)
             finally:
                 os.close(fd)
 
@@ -362,9 +362,18 @@ class Applier:
             old, ofd = self._fds.popitem(last=False)
             try:
                 if not self.syncfs:
-                    os.fsync(ofd)
+                    self._fsync(ofd, old)
             finally:
                 os.close(ofd)
+
+    def _fsync(self, fd: int, path: str) -> None:
+        """fsync before a descriptor is closed (mode without syncfs); a failure is sticky like a
+        failed sync: the error is reported once, and the descriptor is gone after this."""
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            self._failed = ApplyError(f"fsync of {path} failed: {e.strerror}", e.errno)
+            raise self._failed from None
 
     # -- ops ------------------------------------------------------------------------------------
     def _op_block(self, vr: str, full: str, ev: Event) -> int:

@@ -113,6 +113,7 @@ class ApplyActor:
         self.conflicts: dict[str, str] = {}  # volume → why its announce was refused
         self.anchor: dict[str, tuple[str, int]] = {}  # volume → (epoch, seq) of the newest heartbeat/announce
         self.gap_partitions: set[int] = set()  # a jump in seq is expected once (stream gap)
+        self._gaps_used: set[int] = set()  # ... taken since the last durable point (reset gives them back)
         self._retries: dict[tuple[str, int, int], int] = {}
         self.undurable_bytes = 0
         self.snap: dict[str, VolumeSnap] = {}
@@ -247,6 +248,7 @@ class ApplyActor:
             if ev.seq > base + FUTURE_SEQ:
                 if r.partition in self.gap_partitions:
                     self.gap_partitions.discard(r.partition)
+                    self._gaps_used.add(r.partition)
                 else:
                     raise RejectedEvent("future_seq", f"seq {ev.seq} is {ev.seq - base} past the stream position {base} of epoch {ev.epoch}")
         elif prog.epoch:
@@ -385,11 +387,14 @@ class ApplyActor:
             self.m.local_errors.labels("state_dir").inc()
             raise
         self.undurable_bytes = 0
+        self._gaps_used.clear()
 
     def reset(self) -> None:
         """Back to the last durable point (the loop re-reads from its offsets)."""
         self.idx.reset()
         self.applier.clear_failure()
+        self.gap_partitions |= self._gaps_used  # the record after the gap will be read again
+        self._gaps_used.clear()
         for vol in list(self.spool.active):
             self.spool.discard(vol)
         self.undurable_bytes = 0

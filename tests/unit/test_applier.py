@@ -362,6 +362,36 @@ def test_the_volume_root_is_held_open_so_syncfs_sees_errors_of_background_writeb
     assert opened == ["v", "w"]  # each root opened once, not at each sync
 
 
+def test_without_syncfs_a_failed_fsync_of_an_evicted_descriptor_is_sticky(tmp_path, monkeypatch):
+    """Without syncfs a descriptor evicted from the cache is fsynced and closed: if that fsync
+    fails, the error cannot be seen again through it, so every sync fails until cleared."""
+    import daemon.mirror.applier as A
+
+    real, failures = os.fsync, [1]
+
+    def fsync(fd):
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(5, "Input/output error")
+        return real(fd)
+
+    a = Applier(tmp_path / "root", syncfs=False)
+    try:
+        evs = _files(A.MAX_OPEN + 1)
+        for e in evs[:-2]:
+            a.apply(e)
+        monkeypatch.setattr(A.os, "fsync", fsync)
+        with pytest.raises(A.ApplyError, match="fsync"):
+            for e in evs[-2:]:
+                a.apply(e)  # the 65th file evicts the first descriptor
+        with pytest.raises(A.ApplyError, match="fsync"):
+            a.sync()  # fsync works again, but what the failed one covered is not durable
+        a.clear_failure()
+        a.sync()
+    finally:
+        a.close()
+
+
 def test_without_syncfs_every_file_is_fsynced(tmp_path, monkeypatch):
     import daemon.mirror.applier as A
 

@@ -381,6 +381,48 @@ def test_a_failed_sync_at_a_rename_barrier_goes_back_to_the_last_durable_point(e
     assert actor.idx.lookup(VOL, "c") is not None and actor.idx.lookup(VOL, "b") is None
 
 
+def test_a_failed_sync_after_a_rename_is_a_durability_failure_too(env, monkeypatch):
+    import daemon.mirror.applier as A
+
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), *st.file("b", b"2")])
+    real_sync, calls = actor.applier._sync, []
+
+    def second_fails():
+        calls.append(1)
+        if len(calls) == 2:  # the barrier's sync passes, the rename's own fails
+            raise A.ApplyError("syncfs of root failed: Input/output error", errno.EIO)
+        real_sync()
+
+    monkeypatch.setattr(actor.applier, "_sync", second_fails)
+    recs = [st.rec("rename", path="b", dst="c")]
+    res = actor.apply_records(recs)
+    assert res.state_error and res.error is None and not res.rewind and actor.snap[VOL].quarantined == 0
+    actor.reset()
+    apply(actor, recs)  # replayed: the rename finds its destination in place
+    assert (vr / "c").read_bytes() == b"2" and actor.idx.lookup(VOL, "c") is not None
+
+
+def test_a_stream_gap_taken_before_a_failure_is_given_back_by_reset(env):
+    """The first record after a stream gap may jump far ahead once. If the batch holding it is
+    rolled back before it was durable, the re-read must accept it again, not reject it as forged."""
+    from daemon.mirror.consumer import FUTURE_SEQ
+
+    actor, sent, reg, vr = env
+    st = Stream()
+    apply(actor, [st.announce(), *st.file("a", b"1")])
+    st.seq += FUTURE_SEQ + 10
+    recs = st.file("b", b"2")
+    actor.gap_partitions.add(0)
+    res = actor.apply_records(recs)
+    assert res.error is None and metric(reg, "volmirror_mirror_rejected_events_total", volume=VOL, reason="future_seq") == 0
+    actor.reset()  # e.g. the durability point after it failed
+    apply(actor, recs)
+    assert metric(reg, "volmirror_mirror_rejected_events_total", volume=VOL, reason="future_seq") == 0
+    assert (vr / "b").read_bytes() == b"2"
+
+
 def test_pwrite_all_loops_on_short_writes(tmp_path, monkeypatch):
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     real = os.pwrite
