@@ -1,6 +1,6 @@
 """Run a mirror agent with test seams (``daemon.mirror.consumer.Faults``) injected through its constructor.
 
-    python -m tests.seams --drop OP:PATH --stall-file F [--stall-volume V] -- mirror --config C [--log-format json ...]
+    python -m tests.seams --drop OP:PATH --stall-file F [--stall-volume V] [--fail-sync-file F] -- mirror --config C [--log-format json ...]
 
 The production entry point (``volmirror``) has no way to set these; tests use this one instead of
 environment variables.
@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--drop", help="OP:PATH — lose this op of this path (a lost change)")
     p.add_argument("--stall-file", help="every apply fails like a full disk while this file exists")
     p.add_argument("--stall-volume", help="with --stall-file: only the applies of this volume fail")
+    p.add_argument("--fail-sync-file", help="every durability point fails like a failed fsync while this file exists")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     rest = [x for x in a.rest if x != "--"]
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> int:
     b = q.parse_args(rest)
     cfg = load(b.config)
     logsetup.setup(b.log_format, b.log_level)
-    faults = Faults(drop=tuple(a.drop.split(":", 1)) if a.drop else None, stall_file=a.stall_file, stall_volume=a.stall_volume)  # type: ignore[arg-type]
+    faults = Faults(drop=tuple(a.drop.split(":", 1)) if a.drop else None, stall_file=a.stall_file, stall_volume=a.stall_volume,
+                    sync_file=a.fail_sync_file)  # type: ignore[arg-type]
     try:
         asyncio.run(MirrorAgent(cfg, faults=faults).run())
     except asyncio.CancelledError:

@@ -73,11 +73,13 @@ class Announcement:
 @dataclass
 class Faults:
     """Test seams (never set in production): lose one op of one path; fail every apply (of one
-    volume, with ``stall_volume``) while a file exists."""
+    volume, with ``stall_volume``) while a file exists; fail every durability point while a file
+    exists (``sync_file``, as a failed fsync would)."""
 
     drop: tuple[str, str] | None = None
     stall_file: str | None = None
     stall_volume: str | None = None
+    sync_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,11 @@ class ApplyActor:
 
         Raises ApplyError (fsync failed: retry) or StateError (index not written: everything since
         the last durable point was rolled back; re-read from that point)."""
+        if self.faults.sync_file:
+            import os
+
+            if os.path.exists(self.faults.sync_file):
+                raise ApplyError(f"TEST SEAM: injected sync failure ({self.faults.sync_file} exists)", errno.EIO)
         self.applier.sync()
         try:
             self.idx.checkpoint()

@@ -325,3 +325,39 @@ def test_a_failed_apply_skips_nothing_fetched_ahead_for_another_partition(setup_
     repairs = sum(v for (n, _), v in counted.items() if n == "volmirror_repair_requests_total")
     mismatches = sum(v for (n, lb), v in counted.items() if n == "volmirror_checkpoints_total" and ("result", "mismatch") in lb)
     assert repairs == 0 and mismatches == 0, f"{repairs} repair request(s), {mismatches} checkpoint mismatch(es)"
+
+
+def test_a_failed_durability_point_after_a_failed_apply_skips_nothing_of_a_new_partition(setup_factory, tmp_path):
+    """Both volumes are published before the mirror starts, so its first fetch after joining holds
+    both partitions. Every apply of alpha fails, and so does every durability point after it (a
+    failed fsync): the loop goes back to the last durable point, and alpha's partition, read for
+    the first time, must go back too, not only the partitions already known. A skip would leave
+    alpha short until a checkpoint disagreed and a repair refilled it: both are counted."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    part = DefaultPartitioner()
+    assert part(b"alpha", [0, 1, 2], [0, 1, 2]) != part(b"beta", [0, 1, 2], [0, 1, 2])
+    s = setup_factory(volumes=("alpha", "beta"))
+    s.source.start()
+    a, b = s.src["alpha"], s.src["beta"]
+    for i in range(2000):
+        (a / f"f{i:04d}").write_bytes(os.urandom(1500))
+        (b / f"f{i:04d}").write_bytes(os.urandom(1500))
+    for v in ("alpha", "beta"):
+        wait_for(lambda v=v: s.source.status()["volumes"][v]["pending_files"] == 0, 60, f"source idle ({v})")
+    stall, nosync = tmp_path / "stall", tmp_path / "nosync"
+    stall.touch()
+    nosync.touch()
+    m = s.add_mirror()
+    m.seams = ["--stall-file", str(stall), "--stall-volume", "alpha", "--fail-sync-file", str(nosync)]
+    m.start()
+    wait_for(lambda: m.metric("volmirror_mirror_apply_errors_total", volume="alpha") >= 2, 60, "alpha's applies failing")
+    wait_for(lambda: m.metric("volmirror_mirror_local_errors_total", kind="disk") >= 2, 60, "durability points failing")
+    nosync.unlink()
+    wait_converged(b, s.mirror_path("beta"), timeout=90, agents=[s.source, m])
+    stall.unlink()
+    wait_converged(a, s.mirror_path("alpha"), timeout=90, agents=[s.source, m])
+    counted = m.metrics()
+    repairs = sum(v for (n, _), v in counted.items() if n == "volmirror_repair_requests_total")
+    mismatches = sum(v for (n, lb), v in counted.items() if n == "volmirror_checkpoints_total" and ("result", "mismatch") in lb)
+    assert repairs == 0 and mismatches == 0, f"{repairs} repair request(s), {mismatches} checkpoint mismatch(es)"
