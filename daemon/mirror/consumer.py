@@ -26,6 +26,7 @@ import asyncio
 import errno
 import json
 import logging
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +81,12 @@ class Faults:
     stall_file: str | None = None
     stall_volume: str | None = None
     sync_file: str | None = None
+
+    def apply_fails(self, vol: str) -> bool:
+        return self.stall_file is not None and os.path.exists(self.stall_file) and self.stall_volume in (None, vol)
+
+    def sync_fails(self) -> bool:
+        return self.sync_file is not None and os.path.exists(self.sync_file)
 
 
 @dataclass(frozen=True)
@@ -181,8 +188,9 @@ class ApplyActor:
                     continue
             except (sqlite3.Error, StateError) as e:
                 self.idx.reset()
-                self.m.local_errors.labels("disk" if isinstance(e, DurabilityError) else "state_dir").inc()
-                what = "applied data could not be made durable" if isinstance(e, DurabilityError) else "mirror index write failed"
+                durability = isinstance(e, DurabilityError)
+                self.m.local_errors.labels("disk" if durability else "state_dir").inc()
+                what = "applied data could not be made durable" if durability else "mirror index write failed"
                 res.state_error = f"{what} at volume {ev.vol}, partition {r.partition}, offset {r.offset}: {e}"
                 return res
             except Exception as e:  # noqa: BLE001 - a bug met by one record must not stall the stream forever
@@ -223,11 +231,8 @@ class ApplyActor:
     def _apply_event(self, r: Record, ev: Event) -> None:
         vol = ev.vol
         f = self.faults
-        if f.stall_file:
-            import os
-
-            if os.path.exists(f.stall_file) and f.stall_volume in (None, vol):
-                raise ApplyError(f"TEST SEAM: injected apply failure ({f.stall_file} exists)")
+        if f.apply_fails(vol):
+            raise ApplyError(f"TEST SEAM: injected apply failure ({f.stall_file} exists)")
         if ev.op == "announce":
             self._announce(vol, ev)
             return
@@ -382,11 +387,8 @@ class ApplyActor:
 
         Raises ApplyError (fsync failed: retry) or StateError (index not written: everything since
         the last durable point was rolled back; re-read from that point)."""
-        if self.faults.sync_file:
-            import os
-
-            if os.path.exists(self.faults.sync_file):
-                raise ApplyError(f"TEST SEAM: injected sync failure ({self.faults.sync_file} exists)", errno.EIO)
+        if self.faults.sync_fails():
+            raise ApplyError(f"TEST SEAM: injected sync failure ({self.faults.sync_file} exists)", errno.EIO)
         self.applier.sync()
         try:
             self.idx.checkpoint()
