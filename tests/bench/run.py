@@ -140,6 +140,7 @@ class Ctx:
         self.last_rec: dict = {}  # the last volmirror run's record, also when it failed
         self.partial: dict | None = None  # the running scenario's results so far (kept if the run is aborted)
         self.logs = REPO / "build" / "bench-logs"
+        self.broker_data = ""  # the broker's data directory: finds its JVM for its CPU seconds
 
     def rounds(self, long: bool = False) -> int:
         if long and not self.args.long_rounds:  # scale and bigfile: one round unless asked
@@ -212,6 +213,32 @@ def delete_topics(bootstrap: str, topics: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ measuring
+def machine_cpu(broker_data: str) -> tuple[list[int], float]:
+    """The machine's CPU counters (/proc/stat, in ticks) and the broker's CPU seconds so far."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    broker = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if broker_data and broker_data.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                broker += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return ticks, broker
+
+
+def machine_delta(before: tuple[list[int], float], after: tuple[list[int], float]) -> dict:
+    """CPU seconds of the whole machine between two machine_cpu() readings: busy (user, nice,
+    system, irq, softirq, steal), idle, iowait, and the broker's share of busy."""
+    hz = os.sysconf("SC_CLK_TCK")
+    d = [(b - a) / hz for a, b in zip(before[0], after[0])]
+    d += [0.0] * (8 - len(d))
+    return {"busy_s": round(d[0] + d[1] + d[2] + d[5] + d[6] + d[7], 1), "idle_s": round(d[3], 1), "iowait_s": round(d[4], 1),
+            "broker_s": round(after[1] - before[1], 1)}
+
+
 def usage(a: Agent) -> dict:
     """CPU seconds (utime+stime) and peak RSS (VmHWM) of a running agent; read before stopping it."""
     pid = a.proc.pid if a.proc else None
@@ -310,7 +337,7 @@ def verify(src: Path, dst: Path, max_file: int) -> str | None:
 
 
 def wait_tree(src: Path, dst: Path, t0: float, timeout: float, check: Callable[[], None] | None, max_file: int,
-              want: bytes | None = None) -> dict:
+              want: bytes | None = None, on_equal: Callable[[], None] | None = None) -> dict:
     """Poll until dst mirrors src: listing equal (every poll), then content verified (not timed).
     Returns {'s': seconds from t0 to the poll that saw the final tree, 'poll_s': the poll interval}."""
     want = want if want is not None else listing(src)
@@ -320,6 +347,8 @@ def wait_tree(src: Path, dst: Path, t0: float, timeout: float, check: Callable[[
         got = listing(dst)
         b = time.perf_counter()
         if got == want:
+            if on_equal:
+                on_equal()  # before the content check, which is not timed
             d = verify(src, dst, max_file)
             if d is None:
                 return {"s": b - t0, "poll_s": round(interval, 3), "verify_s": round(time.perf_counter() - b, 2)}
@@ -421,10 +450,11 @@ def volmirror_sync(ctx: Ctx, name: str, r: int, data: Data, cold: bool) -> dict:
         ctx.start(m)
         if cold:
             rec["cold"] = ctx.drop_caches()
+        cpu0 = machine_cpu(ctx.broker_data)
         t0 = time.perf_counter()
         ctx.start(s.source, wait_ready=False)
         rec.update(wait_tree(vol, s.mirror_path(), t0, sync_timeout(data.files, data.bytes), alive(s.source, m),
-                             data.max_file, data.want))
+                             data.max_file, data.want, on_equal=lambda: rec.update(machine=machine_delta(cpu0, machine_cpu(ctx.broker_data)))))
         return rec
     except Exception:
         ctx.keep_logs(s, f"{name}-r{r}")
@@ -568,10 +598,11 @@ def scale_round(ctx: Ctx, r: int, data: Data) -> dict:
         data.lend(vol)
         ctx.start(m)
         rec["cold"] = ctx.drop_caches()
+        cpu0 = machine_cpu(ctx.broker_data)
         t0 = time.perf_counter()
         ctx.start(s.source, wait_ready=False)
         rec.update(wait_tree(vol, s.mirror_path(), t0, sync_timeout(data.files, data.bytes), alive(s.source, m),
-                             data.max_file, data.want))
+                             data.max_file, data.want, on_equal=lambda: rec.update(machine=machine_delta(cpu0, machine_cpu(ctx.broker_data)))))
         say(f"scale: cold sync {rec['s']:.1f} s; stopping the source, editing one file, restarting it ...")
         # warm restart: stop the source, edit one file while it is down, start it again
         rec["source_cold"] = usage(s.source)
@@ -990,6 +1021,18 @@ def agents_table(runs: list[dict], failed: dict | None = None) -> list[str]:
     return out
 
 
+def machine_line(runs: list[dict]) -> list[str]:
+    """The whole machine's CPU over the timed syncs (medians): what the floor's budget is spent on."""
+    ms = [(r["machine"], r["s"]) for r in runs if r.get("machine") and r.get("s")]
+    if not ms:
+        return []
+    n = os.cpu_count() or 1
+    m = {k: med([x[k] for x, _ in ms]) for k in ("busy_s", "idle_s", "iowait_s", "broker_s")}
+    return ["", f"Whole machine over the timed sync (medians of {len(ms)}): {m['busy_s']:.1f} CPU s busy of "
+                f"{n} × {med([t for _, t in ms]):.1f} s, of which the broker {m['broker_s']:.1f}; idle {m['idle_s']:.1f}, "
+                f"iowait {m['iowait_s']:.1f} (`/proc/stat`; busy = user, nice, system, irq, softirq, steal)."]
+
+
 def first_err(res: dict, who: str = "volmirror") -> str:
     for e in res.get("errors", []):
         if e.startswith(who):
@@ -1057,7 +1100,7 @@ def summarize(name: str, res: dict) -> tuple[list[str], list[dict]]:
             floor("files/s (time)", f"{fps:,.0f} files/s ({f_s(vm)})" if fps else "–",
                   f"rsync -a: {per(res['files'], rs, 'files/s')} ({f_s(rs)})", f_r(r), FLOORS["smallfiles"], ok,
                   why if fps is None else ("" if ok else f"{fps:,.0f} files/s, {r:.2f}× rsync"))
-        L += ["", *agents_table([r.get("agents") for r in res["vm"]], res.get("vm_failed"))]
+        L += ["", *agents_table([r.get("agents") for r in res["vm"]], res.get("vm_failed")), *machine_line(res["vm"])]
         if res["vm"]:
             L.append("")
             L.append(f"Poll interval at the end of the volmirror runs: {polls(res)} "
@@ -1085,7 +1128,7 @@ def summarize(name: str, res: dict) -> tuple[list[str], list[dict]]:
         floor("peak RSS", ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()) or "–", "–", "–", FLOORS["scale_rss"],
               worst is not None and worst <= 250 and len(rss) >= 3,
               why if worst is None else f"{worst:.0f} MiB" if worst > 250 else "not every agent process was measured")
-        L += ["", *agents_table([x.get("agents") for x in res["vm"]], res.get("vm_failed"))]
+        L += ["", *agents_table([x.get("agents") for x in res["vm"]], res.get("vm_failed")), *machine_line(res["vm"])]
         if res["vm"]:
             L += ["", "The source's cold figures are from the first source process (read just before it was stopped for the "
                   "restart); the warm-restart process is listed separately. The mirror ran throughout. Poll interval at the end "
@@ -1290,6 +1333,7 @@ def main() -> int:
         signal.alarm(BUDGET["s"])  # armed once the broker is known, so it is always stopped
         say(f"Kafka at {broker.bootstrap}")
         ctx = Ctx(args, tmp, broker.bootstrap)
+        ctx.broker_data = broker.data
         for name in selected:
             if aborted:
                 results[name] = {"error": f"not run: {aborted}"}
