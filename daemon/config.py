@@ -117,6 +117,8 @@ class SourceConfig:
     max_delay_ms: int = 1000
     announce_interval: float = 30.0
     checkpoint_interval: float = 60.0
+    point_interval: float = 2.0  # seconds between two restore points of a volume (0: none; daemon.source.points)
+    point_quiet_ms: int = 50  # a restore point needs this long without a change event (nor a read)
     compression: str = "zstd"  # of each block / small file, in the read threads (daemon.codec)
 
 
@@ -132,6 +134,13 @@ class MirrorConfig:
     rpo_seconds: float = 60.0
     max_file_size: int = 1 << 44  # bytes; larger files are rejected (too_large); = wire.DEFAULT_MAX_FILE_SIZE
     accept_new_source: tuple[str, ...] = ()  # volumes whose source host / block size may change (operator action)
+    history_dir: Path | None = None  # undo journal of restore points (daemon.mirror.history); None: state_dir/history
+    history_hours: float = 24.0  # restore points kept at least this long ...
+    history_max_gib: float = 10.0  # ... unless the history would take more disk than this (oldest pruned first)
+
+    @property
+    def history_path(self) -> Path:
+        return self.history_dir or self.state_dir / "history"
 
 
 @dataclass(frozen=True)
@@ -321,10 +330,19 @@ def _parse_source(t: Any, base: Path) -> SourceConfig:
         max_delay_ms=s.integer("max_delay_ms", 1000, minimum=1, maximum=600000),
         announce_interval=s.number("announce_interval", 30.0, minimum=0.5),
         checkpoint_interval=s.number("checkpoint_interval", 60.0, minimum=0.5),
+        point_interval=_point_interval(s),
+        point_quiet_ms=s.integer("point_quiet_ms", 50, minimum=10, maximum=60000),
         compression=_payload_codec(s),
     )
     s.done()
     return sc
+
+
+def _point_interval(s: "_Section") -> float:
+    v = s.number("point_interval", 2.0, minimum=0.0, maximum=86400)
+    if 0 < v < 0.1:
+        raise ConfigError(s.key("point_interval"), f"must be 0 (no restore points) or at least 0.1 seconds, got {v}")
+    return v
 
 
 def _payload_codec(s: "_Section") -> str:
@@ -362,7 +380,12 @@ def _parse_mirror(t: Any, base: Path) -> MirrorConfig:
         rpo_seconds=s.number("rpo_seconds", 60.0, minimum=1.0),
         max_file_size=s.integer("max_file_size", 1 << 44, minimum=1 << 20, maximum=1 << 62),
         accept_new_source=accept,
+        history_dir=_abs_path(s, "history_dir", base) if "history_dir" in t else None,
+        history_hours=s.number("history_hours", 24.0, minimum=0.0, maximum=24 * 366),
+        history_max_gib=s.number("history_max_gib", 10.0, minimum=0.0),
     )
+    if mc.history_dir is not None and (mc.history_dir == root or root in mc.history_dir.parents):
+        raise ConfigError("mirror.history_dir", "must not be inside mirror.root")
     s.done()
     return mc
 

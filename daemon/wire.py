@@ -66,6 +66,9 @@ OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "rename": {"path": _STR, "dst": _STR},
     "symlink": {"path": _STR, "target": _STR},
     "heartbeat": {},
+    # A restore point: every file of the volume was read, and nothing changed, between the
+    # previous record and this one (see daemon/source/points.py); the mirror can roll back to it
+    "point": {"id": _INT},
     # Verification and coverage: a volume digest at a point in the stream, the source's index as a
     # listing (answer to a mirror whose checkpoint disagreed), and a volume announcement.
     "checkpoint": {"id": _INT, "files": _INT, "bytes": _INT, "root": _STR},

@@ -181,7 +181,8 @@ def write_config(path: Path, bootstrap: str, topic: str, *, source: dict | None 
     lines = ["[kafka]", f"bootstrap_servers = [{', '.join(json.dumps(s) for s in bootstrap.split(','))}]", f'topic = "{topic}"', "partitions = 3", ""]
     if source:
         lines += ["[source]", f'state_dir = "{source["state_dir"]}"']
-        for k in ("heartbeat_interval", "reconcile_interval", "debounce_ms", "checkpoint_interval", "announce_interval"):
+        for k in ("heartbeat_interval", "reconcile_interval", "debounce_ms", "checkpoint_interval", "announce_interval", "point_interval",
+                  "point_quiet_ms"):
             if k in source:
                 lines.append(f"{k} = {source[k]}")
         for v in source["volumes"]:

@@ -86,10 +86,11 @@ class SourceAgent:
                 w = VolumeWorker(
                     v, sc.state_dir, self.pub, self.m,
                     debounce=sc.debounce_ms / 1000, max_delay=sc.max_delay_ms / 1000, checkpoint_interval=sc.checkpoint_interval,
-                    compression=sc.compression,
+                    compression=sc.compression, point_interval=sc.point_interval, point_quiet=sc.point_quiet_ms / 1000,
                 )
                 self.workers[v.name] = w
                 watcher = VolumeWatcher(v.name, str(v.path), w.notify)
+                w.watching = lambda watcher=watcher: watcher.alive  # type: ignore[misc]
                 ok = watcher.start(loop)
                 self.m.watch_ok.labels(v.name).set(1 if ok else 0)
                 self.watchers[v.name] = watcher

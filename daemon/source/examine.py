@@ -82,10 +82,11 @@ class Examiner:
         b.sent(op, await self.pub.send(self.name, op, fields, payload))
 
     async def path(self, b: Batch, path: str, *, force: bool, mirror_hashes: bytes | None = None, resync: bool = False,
-                   doubt: set[int] | None = None, pre: Pre | None = None) -> None:
+                   doubt: set[int] | None = None, pre: Pre | None = None) -> Stat | None:
         """Publish what changed at ``path`` (``doubt``: the blocks in doubt, None if not in doubt;
         ``pre``: its lstat and small content from :func:`~daemon.source.reader.prefetch`, taken
-        after its mark was popped)."""
+        after its mark was popped). Returns the lstat what was published stands for (None: the
+        path is gone or excluded); a file that changed while it was read raises FileChangedError."""
         again = resync or doubt is not None  # the mirror may hold something else: send the final state
         if self.vol.is_excluded(path):
             st = None
@@ -101,7 +102,7 @@ class Examiner:
                 await self._remove(b, path, Entry(path, DIR))
             elif again:
                 await self.send(b, "delete", {"path": path})
-            return
+            return None
         await self.parents(b, path)
         if again and st.kind in (DIR, SYMLINK) and e is not None and e.kind == st.kind:
             e = None  # resend the directory / link as it is now
@@ -115,6 +116,7 @@ class Examiner:
         else:
             await self._file(b, path, st, e, force=force or doubt is not None, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt,
                              pre=pre if pre is not None and pre.data is not None else None)
+        return st
 
     async def _remove(self, b: Batch, path: str, e: Entry) -> None:
         if e.kind == DIR:

@@ -34,6 +34,7 @@ from .coverage import NOT_UTF8, Unprotected, printable, replicable_name
 from .dirty import DirtySet, InDoubt, StartupGate, backoff, listing_blocked
 from .examine import Examiner, forget_blocks
 from . import pacing
+from .points import PointTracker
 from .progress import Progress
 from .publisher import Publisher
 from .reader import Pre, Stat, lstat, prefetch
@@ -61,6 +62,8 @@ class VolumeWorker:
         checkpoint_interval: float = 60.0,
         open_index: OpenIndex = volume_index,
         compression: str = "none",
+        point_interval: float = 0.0,
+        point_quiet: float = 0.1,
     ) -> None:
         self.vol = vol
         self.name = vol.name
@@ -95,10 +98,13 @@ class VolumeWorker:
         self.next_control = 0.0
         self.checkpoint_id = 0
         self._b: Batch | None = None  # the batch _process has open
+        self.points = PointTracker(point_interval, point_quiet)
+        self.watching: Callable[[], bool] = lambda: False  # the agent sets it: True while inotify watches the volume
 
     # -- inputs ---------------------------------------------------------------------------------
     def notify(self, kind: str, src: str | None, dst: str | None, is_dir: bool) -> None:
         """Watcher callback (runs on the loop)."""
+        self.points.event(time.monotonic())
         if kind == "moved":
             self.queue_rename(src, dst, is_dir)
         elif src:
@@ -240,11 +246,13 @@ class VolumeWorker:
         self._wake.clear()
         if self.progress.active and not self.dirty and not self.scanning:
             self._finish_progress()
+        if await self._point():
+            return
         await self._sleep()
 
     async def _sleep(self) -> None:
         now = time.monotonic()
-        until = min(self.dirty.next_due() or now + 3600, self.next_checkpoint)
+        until = min(self.dirty.next_due() or now + 3600, self.next_checkpoint, self.points.due_at() or now + 3600)
         if self.listings:
             until = min(until, max(self.next_control, now + 1.0))
         try:
@@ -427,7 +435,8 @@ class VolumeWorker:
         mirror_hashes = self.resyncs.pop(path, None)
         doubt = self.doubt.blocks(path) if path in self.doubt else None
         try:
-            await self.examiner.path(b, path, force=force, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt, pre=pre)
+            st = await self.examiner.path(b, path, force=force, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt, pre=pre)
+            self.points.examined(path, st, time.monotonic())
         except (PublishError, StateError):
             if resync:
                 self.resyncs[path] = mirror_hashes
@@ -465,6 +474,8 @@ class VolumeWorker:
         self.gate.examined(b.paths)
         self.m.in_doubt.labels(self.name).set(len(self.doubt))
         self._count(b)
+        if b.ops:
+            self.points.published()
 
     def _count(self, b: Batch) -> None:
         n = self.name
@@ -528,6 +539,43 @@ class VolumeWorker:
         except StateError:
             if b is not None:
                 b.rollback()
+
+    # -- restore points (daemon.source.points) -----------------------------------------------------
+    def _idle(self) -> bool:
+        """Nothing of the volume waits to be published, and nothing published is in doubt."""
+        return (not self.dirty and not self.renames and not self.doubt and not self.resyncs and self.gate.scanned
+                and not self.scanning)
+
+    async def _point(self) -> bool:
+        """Send a restore point if one is due; True if the worker did something (a point, or a
+        stale path marked again)."""
+        if not self.points.due(time.monotonic(), idle=self._idle(), watching=self.watching()):
+            return False
+        checked = self.points.last_event
+        root = self.vol.path
+        stale = await asyncio.to_thread(self.points.stale, lambda p: lstat(str(root / p)))
+        if stale:
+            self.m.points.labels(self.name, "stale").inc(len(stale))
+            for p in stale:
+                self.mark(p, force=True, delay=0)  # changed since it was read: read again first
+            return True
+        if self.points.last_event != checked or not self._idle():
+            return True  # a change came while the reads were checked: a point later
+        b = Batch(None, self.name)
+        now = time.monotonic()
+        try:
+            b.sent("point", await self.pub.send(self.name, "point", {"id": self.points.next_id}))
+            await b.acks()
+        except Exception as e:  # noqa: BLE001 - a point is tried again when due, never fatal
+            self.m.points.labels(self.name, "failed").inc()
+            self.points.last_point = now  # not before another interval
+            self._control_failed("restore point", e)
+            return True
+        self.points.sent(now)
+        self._count(b)
+        self.m.points.labels(self.name, "sent").inc()
+        self.m.last_point.labels(self.name).set(time.time())
+        return True
 
     # -- checkpoints and listings ----------------------------------------------------------------
     async def _checkpoint(self) -> None:
