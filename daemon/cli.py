@@ -45,6 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/verify.md)")
     vf.add_argument("--repair", action="store_true", help="repair the drift found (default: report only)")
     vf.add_argument("--timeout", type=float, default=60.0, metavar="S", help="how long to wait for the source's checkpoint (default 60)")
+    pt = sub.add_parser("points", help="list a volume's restore points (time, stream position, verification)")
+    common(pt)
+    pt.add_argument("--volume", required=True, metavar="V", help="the volume")
+    pt.add_argument("--json", action="store_true", help="print JSON")
+    rs = sub.add_parser("restore", help="write a volume as it was at a restore point into a directory (exit 0, 1 if a part is not "
+                                        "proven, 2 on error)")
+    common(rs)
+    rs.add_argument("--volume", required=True, metavar="V", help="the volume")
+    rs.add_argument("--to", required=True, metavar="DIR", help="an empty or new directory to write the volume into")
+    when = rs.add_mutually_exclusive_group()
+    when.add_argument("--at", metavar="TIME", help="the newest point at or before TIME (unix seconds or ISO 8601; default: the latest)")
+    when.add_argument("--point", type=int, metavar="ID", help="this point (see `volmirror points`)")
+    rs.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -73,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             from .verify_cmd import run_verify
 
             return run_verify(cfg, volume=args.volume, as_json=args.json, repair=args.repair, wait=args.timeout)
+        if args.cmd in ("points", "restore"):
+            from pathlib import Path
+
+            from .mirror import restore
+
+            mc = cfg.require_mirror()
+            if args.cmd == "points":
+                return restore.run_points(mc, args.volume, as_json=args.json)
+            return restore.run_restore(mc, args.volume, Path(args.to).absolute(), at=args.at, point=args.point, as_json=args.json)
         if args.cmd == "status":
             from .status import run_status
 

@@ -130,6 +130,17 @@ class SourceMetrics(CommonMetrics):
             "volmirror_source_listings_total", "Listings requested by mirrors, by result (sent|deferred|failed)", ["volume", "result"], registry=registry
         )
 
+        self.points = Counter(
+            "volmirror_source_points_total",
+            "Restore points of the volume: sent, or not sent because a file read since the last point changed since (stale) "
+            "or the send failed",
+            ["volume", "result"],
+            registry=registry,
+        )
+        self.last_point = Gauge(
+            "volmirror_source_last_point_timestamp_seconds", "Time of the last acknowledged restore point", ["volume"], registry=registry
+        )
+
     ERROR_KINDS = ("read", "publish", "state", "internal", "bad_name", "scan")
 
     def init_volume(self, vol: str) -> None:
@@ -140,6 +151,9 @@ class SourceMetrics(CommonMetrics):
         self.in_doubt.labels(vol)
         for r in ("sent", "deferred", "failed"):
             self.listings.labels(vol, r)
+        for r in ("sent", "stale", "failed"):
+            self.points.labels(vol, r)
+        self.last_point.labels(vol)
         for r in ("changed", "unchanged", "zero"):
             self.blocks.labels(vol, r)
         self.published_bytes.labels(vol)
@@ -203,6 +217,22 @@ class MirrorMetrics(CommonMetrics):
         )
 
         # verification, drift, repair, coverage
+        self.points = Counter(
+            "volmirror_mirror_points_total", "Restore points recorded (the mirror can roll the volume back to each)", ["volume"],
+            registry=registry,
+        )
+        self.last_point = Gauge(
+            "volmirror_mirror_last_point_timestamp_seconds", "Source time of the latest restore point recorded here", ["volume"],
+            registry=registry,
+        )
+        self.history_bytes = Gauge(
+            "volmirror_mirror_history_bytes", "Disk used by the volume's history (undo journal and removed paths kept)", ["volume"],
+            registry=registry,
+        )
+        self.history_pruned = Counter(
+            "volmirror_mirror_history_pruned_points_total", "Restore points pruned (older than history_hours, or over history_max_gib)",
+            ["volume"], registry=registry,
+        )
         self.last_verified = Gauge(
             "volmirror_last_verified_timestamp_seconds",
             "Source time T of the latest checkpoint whose digest matched this mirror (identical as of T)",
@@ -270,6 +300,10 @@ class MirrorMetrics(CommonMetrics):
     QUARANTINE_REASONS = ("too_large", "name_too_long", "permission", "io")
 
     def init_volume(self, vol: str) -> None:
+        self.points.labels(vol)
+        self.last_point.labels(vol)
+        self.history_bytes.labels(vol)
+        self.history_pruned.labels(vol)
         for r in ("stream", "listing"):
             self.deleted_files.labels(vol, r)
         self.quarantined.labels(vol)

@@ -29,11 +29,15 @@ import stat
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..blocks import _zeros
 from ..errors import RejectedEvent, TransientError, os_error
 from ..wire import Event
 from .jail import resolve
+
+if TYPE_CHECKING:
+    from .history import History
 
 MAX_OPEN = 64
 WRITE_BEHIND_BYTES = 16 * 1024 * 1024  # applied bytes between two background writebacks (write_behind)
@@ -77,8 +81,10 @@ def pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
 
 
 class Applier:
-    def __init__(self, root: Path, *, syncfs: bool = True) -> None:
+    def __init__(self, root: Path, *, syncfs: bool = True, undo: "History | None" = None) -> None:
         self.root = str(root)
+        self.undo = undo  # the history's undo journal: every change is journalled before it is made
+        self._vol = ""  # the volume of the op being applied
         self.syncfs = syncfs and _SYNCFS is not None
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._dirs: set[str] = set()
@@ -123,12 +129,16 @@ class Applier:
         else:
             self._dev_fd[dev] = fd
 
-    def apply(self, ev: Event) -> int:
-        """Apply one op; returns block bytes written. Raises RejectedEvent or ApplyError."""
+    def apply(self, ev: Event, *, planned: bool = False) -> int:
+        """Apply one op; returns block bytes written. Raises RejectedEvent or ApplyError.
+        ``planned``: its undo entries are already journalled (History.plan), else they are now."""
         vr = self.vol_root(ev.vol)
         self._touched.add(vr)
+        self._vol = ev.vol
         try:
             full = resolve(vr, ev.path)  # lstat of parents: ENAMETOOLONG, EACCES surface here too
+            if self.undo is not None and not planned:
+                self.undo.before_op(vr, ev)
             n = getattr(self, "_op_" + ev.op)(vr, full, ev)
         except OSError as e:
             rel = os.path.join(ev.vol, ev.path)
@@ -295,8 +305,7 @@ class Applier:
             if stat.S_ISDIR(st.st_mode):
                 continue
             # a file or symlink where the stream needs a directory: the stream wins
-            self._release(cur)
-            os.unlink(cur)
+            self._remove(cur)
             os.mkdir(cur, 0o755)
             self._touch_dir(cur)
 
@@ -306,6 +315,9 @@ class Applier:
         except FileNotFoundError:
             return False
         self._release(full)
+        if self.undo is not None and self.undo.take(self._vol, full):
+            self._touch_dir(full)  # moved into the history, not deleted
+            return True
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(full)
         else:
@@ -455,6 +467,8 @@ class Applier:
         if dst == full or dst.startswith(full + "/"):
             raise RejectedEvent("conflict", f"rename {ev.path} -> {ev['dst']}: destination inside source")
         self._release(full)
+        if self.undo is not None:
+            self.undo.rename_parents(ev.vol, vr, ev["dst"])
         self._ensure_parent(vr, dst)
         try:
             dstat = os.lstat(dst)
@@ -464,27 +478,39 @@ class Applier:
                 # sending, and its start-up scan matched a reused inode). Merge instead of deleting
                 # what the stream already put at dst; the source re-examines dst's entries next.
                 self._release(dst)
+                if self.undo is not None:
+                    self.undo.unproven(ev.vol, ev["dst"], "directories merged by a rename: not journalled entry by entry")
                 self._merge(full, dst)
                 self.merged = True
                 self._touch_dir(full)
                 self._touch_dir(dst)
                 return 0
-            if stat.S_ISDIR(dstat.st_mode) != stat.S_ISDIR(sst.st_mode):
-                self._remove(dst)
+            if stat.S_ISDIR(dstat.st_mode) != stat.S_ISDIR(sst.st_mode) or (self.undo is not None and self.undo.active(ev.vol)):
+                self._remove(dst)  # with history: moved aside, not replaced by the rename
             else:
                 self._release(dst)
         except FileNotFoundError:
             pass
         try:
-            os.rename(full, dst)
+            self._rename(full, dst)
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
             self._remove(dst)
-            os.rename(full, dst)
+            self._rename(full, dst)
         self._touch_dir(full)
         self._touch_dir(dst)
         return 0
+
+    def _rename(self, src: str, dst: str) -> None:
+        """``os.rename``, journalled first when the volume keeps history."""
+        journalled = self.undo is not None and self.undo.renaming(self._vol, src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError:
+            if self.undo is not None:
+                self.undo.rename_failed(self._vol, journalled)
+            raise
 
     def _merge(self, src: str, dst: str) -> None:
         """Move every entry of directory ``src`` into directory ``dst`` (src's entry wins on a name

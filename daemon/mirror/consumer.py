@@ -40,6 +40,7 @@ from ..wire import Event, decode
 from . import repair as R
 from .applier import Applier, ApplyError
 from .drift import Drift
+from .history import History, prune_plan
 from ..store.mirror_index import MirrorIndex
 from .scrubber import Scrubber
 from ..store.listing_spool import ListingSpool
@@ -48,6 +49,7 @@ from .verifier import Verifier
 log = logging.getLogger("volmirror.mirror")
 
 FUTURE_SEQ = 1_000_000  # a seq this far past the stream's announced position is forged or corrupt
+PLANNABLE = frozenset(("block", "truncate", "manifest", "file", "mkdir", "symlink", "delete", "rmtree"))  # History.plan
 UNKNOWN_VOLUME = "_unknown"
 
 
@@ -112,7 +114,11 @@ class ApplyActor:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="volmirror-apply")
         self._counters: dict[tuple[str, str | None], Any] = {}  # metric children by (volume, op)
         self.idx = MirrorIndex(mc.state_dir / "mirror.sqlite")
-        self.applier = Applier(mc.root)
+        self.history = History(mc.history_path, mc.root)
+        for vol, k in self.idx.latest_segments().items():
+            self.history.open(vol, k)
+            self.history.remove(vol, self.history.orphans(vol, self.idx.points(vol)[0].segment))
+        self.applier = Applier(mc.root, undo=self.history)
         self.drift = Drift(metrics)
         self.spool = ListingSpool(mc.state_dir / "listing-spool.sqlite")
         self.verifier = Verifier(self.idx, self.applier, metrics, self.drift, self.spool, repair=mc.repair, send=send,
@@ -125,6 +131,9 @@ class ApplyActor:
         self._gaps_used: set[int] = set()  # ... taken since the last durable point (reset gives them back)
         self._retries: dict[tuple[str, int, int], int] = {}
         self.undurable_bytes = 0
+        self._decoded: dict[int, Event | RejectedEvent] = {}  # records decoded ahead by _plan
+        self._planned: set[int] = set()  # records of the batch whose undo is journalled
+        self._plan_end = 0  # the first record after the last planned run
         self.snap: dict[str, VolumeSnap] = {}
         for vol in self.idx.volumes:
             on_volume(vol)
@@ -139,14 +148,17 @@ class ApplyActor:
             pass
 
     def _run(self, fn: Callable[..., Any], args: tuple) -> Any:
+        self.history.lock()  # shared: a restore's copy takes it exclusively (daemon.mirror.restore)
         try:
             return fn(*args)
         finally:
+            self.history.unlock()
             self._snapshot()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.applier.close()
+        self.history.close()
         self.idx.close()
         self.spool.close()
 
@@ -163,20 +175,81 @@ class ApplyActor:
     # -- applying ---------------------------------------------------------------------------------
     def apply_records(self, recs: list[Record]) -> BatchResult:
         """Decode, check, dedupe and apply, in offset order; stops a partition at a retryable failure."""
+        try:
+            return self._apply_records(recs)
+        finally:
+            self._decoded.clear()
+            self._planned.clear()
+            self._plan_end = 0
+            if self.history.planned:
+                self.history.discard()  # removals planned but not made (the batch stopped): not counted
+
+    def _decode(self, recs: list[Record], i: int) -> Event:
+        ev = self._decoded.pop(i, None)
+        if ev is None:
+            ev = decode(recs[i].value, recs[i].key, max_file_size=self.mc.max_file_size)
+        if isinstance(ev, RejectedEvent):
+            raise ev
+        return ev
+
+    def _plan(self, recs: list[Record], i: int, ev: Event) -> bool:
+        """True if the undo entries of record ``i`` are journalled already, as part of a run
+        planned at once (daemon.mirror.history: one fdatasync for the run, before any of it is
+        applied). A record not in a run is journalled by the applier itself, just before it."""
+        if i in self._planned:
+            return True
+        if i < self._plan_end or ev.op not in PLANNABLE or not self.history.active(ev.vol):
+            return False
+        removed: list[str] = []
+        j = i
+        while j < len(recs):
+            e: Event | RejectedEvent | None = ev if j == i else self._decoded.get(j)
+            if e is None:
+                try:
+                    e = decode(recs[j].value, recs[j].key, max_file_size=self.mc.max_file_size)
+                except RejectedEvent as err:
+                    e = err
+                self._decoded[j] = e
+            if isinstance(e, RejectedEvent) or e.op == "heartbeat" or not self.mirrored(e.vol):
+                j += 1  # changes nothing on disk
+                continue
+            if e.op not in PLANNABLE:
+                break
+            if self.history.active(e.vol):
+                try:
+                    vr = self.applier.vol_root(e.vol)
+                    if not self.history.plan(vr, e, removed):
+                        break
+                except (OSError, ValueError):
+                    break  # applied by itself: its own journalling meets the error and reports it
+                self._planned.add(j)
+            elif removed:
+                break  # keep it simple: a volume without history ends a run that removes
+            j += 1
+        self._plan_end = max(j, i + 1)
+        try:
+            self.history.flush()
+        except OSError as e:
+            self._planned.clear()
+            self.history.discard()
+            raise ApplyError(f"cannot write the history journal: {e.strerror}", e.errno, ev.path) from None
+        return i in self._planned
+
+    def _apply_records(self, recs: list[Record]) -> BatchResult:
         res = BatchResult()
         failed: set[tuple[str, int]] = set()
-        for r in recs:
+        for i, r in enumerate(recs):
             tp = (r.topic, r.partition)
             if tp in failed:
                 continue
             try:
-                ev = decode(r.value, r.key, max_file_size=self.mc.max_file_size)
+                ev = self._decode(recs, i)
             except RejectedEvent as e:
                 self.reject(r, None, e)
                 res.next_offsets[tp] = r.offset + 1
                 continue
             try:
-                self._apply_event(r, ev)
+                self._apply_event(r, ev, self._plan(recs, i, ev))
             except RejectedEvent as e:
                 self.reject(r, ev, e)
             except ApplyError as e:
@@ -228,7 +301,7 @@ class ApplyActor:
         prog.epoch, prog.seq = ev.epoch, ev.seq
         return True
 
-    def _apply_event(self, r: Record, ev: Event) -> None:
+    def _apply_event(self, r: Record, ev: Event, planned: bool = False) -> None:
         vol = ev.vol
         f = self.faults
         if f.apply_fails(vol):
@@ -263,7 +336,14 @@ class ApplyActor:
         if ev.op == "checkpoint":
             prog.epoch, prog.seq = ev.epoch, ev.seq
             self._seen(ev, prog)
-            self.verifier.checkpoint(ev)
+            res = self.verifier.checkpoint(ev)
+            pt = self.idx.point_verified(vol, ev.seq, ev.epoch, res.match, ev["root"])
+            if pt is not None and not res.match:
+                log.error("restore point %d of %s does not match the source's checkpoint right after it: it is not a proven "
+                          "copy", pt.segment, vol, extra={"volume": vol, "event": "point_mismatch"})
+            return
+        if ev.op == "point":
+            self._point(ev, prog)
             return
         if ev.op == "listing":
             prog.epoch, prog.seq = ev.epoch, ev.seq
@@ -295,7 +375,7 @@ class ApplyActor:
             self._seen(ev, prog)
             self.idx.checkpoint()
         else:
-            n = self.applier.apply(ev)
+            n = self.applier.apply(ev, planned=planned)
             self.verifier.applied(ev)
             self._cleared(ev)
             prog.epoch, prog.seq = ev.epoch, ev.seq
@@ -380,6 +460,34 @@ class ApplyActor:
             extra={"volume": vol, "path": ev.path if ev is not None else None, "partition": r.partition, "offset": r.offset,
                    "reason": e.reason, "event": "rejected", "op": ev.op if ev is not None else None},
         )
+
+    def _point(self, ev: Event, prog: Any) -> None:
+        """A restore point: everything before it is made durable with the point recorded, then
+        the history opens the segment that journals what comes after it."""
+        vol = ev.vol
+        prog.epoch, prog.seq = ev.epoch, ev.seq
+        self._seen(ev, prog)
+        now = time.time()
+        k = self.idx.add_point(vol, ev["id"], ev.epoch, ev.seq, ev.ts, now)
+        pts = self.idx.points(vol)
+        gone = prune_plan([(p.segment, p.applied_ts) for p in pts], {p.segment: self.history.size(vol, p.segment) for p in pts}, now,
+                          self.mc.history_hours, self.mc.history_max_gib * 2**30)
+        if gone:
+            self.idx.drop_points(vol, max(gone) + 1)
+        try:
+            self.make_durable()
+        except ApplyError as e:
+            raise DurabilityError(f"cannot make the changes before a restore point durable: {e}") from None
+        self.history.open(vol, k)
+        if gone:
+            self.history.remove(vol, gone)  # after the commit: a crash in between leaves orphans, removed at start-up
+            self.m.history_pruned.labels(vol).inc(len(gone))
+            log.info("history of %s: pruned %d restore point(s) up to %d (history_hours %g, history_max_gib %g)", vol, len(gone),
+                     max(gone), self.mc.history_hours, self.mc.history_max_gib, extra={"volume": vol, "event": "history_pruned"})
+        self.m.history_bytes.labels(vol).set(sum(self.history.size(vol, p.segment) for p in pts if p.segment not in gone))
+        self.m.points.labels(vol).inc()
+        self.m.last_point.labels(vol).set(ev.ts)
+        log.debug("restore point %d of %s (source point %d, seq %d)", k, vol, ev["id"], ev.seq, extra={"volume": vol, "event": "point"})
 
     # -- durability ---------------------------------------------------------------------------------
     def make_durable(self) -> None:

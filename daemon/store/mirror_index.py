@@ -41,7 +41,44 @@ CREATE TABLE IF NOT EXISTS quarantine (
     detail    TEXT NOT NULL,
     PRIMARY KEY (volume, path)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS points (
+    volume     TEXT NOT NULL,
+    segment    INTEGER NOT NULL,  -- the history segment that starts here (daemon.mirror.history)
+    source_id  INTEGER NOT NULL,
+    epoch      TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    src_ts     REAL NOT NULL,     -- the source's clock when it sent the point
+    applied_ts REAL NOT NULL,
+    state      TEXT NOT NULL,     -- unverified | verified | mismatch (a checkpoint right after it)
+    root       TEXT,              -- the checkpoint's volume digest when verified
+    PRIMARY KEY (volume, segment)
+) WITHOUT ROWID;
 """
+
+
+@dataclass(frozen=True)
+class Point:
+    volume: str
+    segment: int
+    source_id: int
+    epoch: str
+    seq: int
+    src_ts: float
+    applied_ts: float
+    state: str
+    root: str | None
+
+
+POINT_COLS = "volume, segment, source_id, epoch, seq, src_ts, applied_ts, state, root"
+
+
+def read_points(db: sqlite3.Connection, vol: str) -> list[Point]:
+    """A volume's restore points, oldest first (from any connection to the mirror index)."""
+    try:
+        rows = db.execute(f"SELECT {POINT_COLS} FROM points WHERE volume=? ORDER BY segment", (vol,)).fetchall()
+    except sqlite3.OperationalError:  # an index written before restore points existed
+        return []
+    return [Point(*r) for r in rows]
 
 
 @dataclass
@@ -131,6 +168,38 @@ class MirrorIndex(SourceIndex):
         self._in_tx = False
         self._cache.clear()
         self._load_progress()
+
+    # -- restore points ---------------------------------------------------------------------------
+    def latest_segments(self) -> dict[str, int]:
+        """Volume → the segment of its latest restore point."""
+        return {v: k for v, k in self.db.execute("SELECT volume, max(segment) FROM points GROUP BY volume")}
+
+    def add_point(self, vol: str, source_id: int, epoch: str, seq: int, src_ts: float, applied_ts: float) -> int:
+        """Record a restore point in the open transaction (committed by the next checkpoint()); its segment."""
+        self.begin()
+        row = self.db.execute("SELECT max(segment) FROM points WHERE volume=?", (vol,)).fetchone()
+        k = (row[0] or 0) + 1
+        self.db.execute(f"INSERT INTO points ({POINT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (vol, k, source_id, epoch, seq, src_ts, applied_ts, "unverified", None))
+        return k
+
+    def points(self, vol: str) -> list[Point]:
+        return read_points(self.db, vol)
+
+    def point_verified(self, vol: str, seq: int, epoch: str, match: bool, root: str) -> Point | None:
+        """A checkpoint came right after the point at (epoch, seq - 1): record whether it matched."""
+        row = self.db.execute("SELECT segment FROM points WHERE volume=? AND epoch=? AND seq=?", (vol, epoch, seq - 1)).fetchone()
+        if row is None:
+            return None
+        self.begin()
+        self.db.execute("UPDATE points SET state=?, root=? WHERE volume=? AND segment=?",
+                        ("verified" if match else "mismatch", root if match else None, vol, row[0]))
+        return next((p for p in self.points(vol) if p.segment == row[0]), None)
+
+    def drop_points(self, vol: str, below: int) -> None:
+        """Forget points whose segments were pruned (segment < below)."""
+        self.begin()
+        self.db.execute("DELETE FROM points WHERE volume=? AND segment<?", (vol, below))
 
     # -- quarantine: paths whose records this mirror cannot apply ----------------------------------
     def quarantine_add(self, vol: str, path: str, reason: str, partition: int, offset: int, ts: float, detail: str) -> bool:
