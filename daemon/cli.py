@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/verify.md)")
     vf.add_argument("--repair", action="store_true", help="repair the drift found (default: report only)")
     vf.add_argument("--timeout", type=float, default=60.0, metavar="S", help="how long to wait for the source's checkpoint (default 60)")
+    rz = sub.add_parser("resume", help="apply a volume again that the mass-change guard paused (exit 0; 1 not paused; 2 agent "
+                                       "not reachable)")
+    common(rz)
+    rz.add_argument("--volume", required=True, metavar="V", help="the volume")
     pt = sub.add_parser("points", help="list a volume's restore points (time, stream position, verification)")
     common(pt)
     pt.add_argument("--volume", required=True, metavar="V", help="the volume")
@@ -86,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             from .verify_cmd import run_verify
 
             return run_verify(cfg, volume=args.volume, as_json=args.json, repair=args.repair, wait=args.timeout)
+        if args.cmd == "resume":
+            from .verify_cmd import run_resume
+
+            return run_resume(cfg, args.volume)
         if args.cmd in ("points", "restore"):
             from pathlib import Path
 

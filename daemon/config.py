@@ -137,6 +137,10 @@ class MirrorConfig:
     history_dir: Path | None = None  # undo journal of restore points (daemon.mirror.history); None: state_dir/history
     history_hours: float = 24.0  # restore points kept at least this long ...
     history_max_gib: float = 10.0  # ... unless the history would take more disk than this (oldest pruned first)
+    guard: str = "alert"  # mass-change guard (daemon.mirror.guard): off | alert | pause
+    guard_window_s: float = 60.0
+    guard_min_files: int = 100  # a burst: at least this many files ...
+    guard_fraction: float = 0.05  # ... and this share of the volume's files, rewritten / deleted / renamed in the window
 
     @property
     def history_path(self) -> Path:
@@ -345,6 +349,13 @@ def _point_interval(s: "_Section") -> float:
     return v
 
 
+def _guard_mode(s: "_Section") -> str:
+    g = s.get("guard", str, "alert")
+    if g not in ("off", "alert", "pause"):
+        raise ConfigError(s.key("guard"), f"must be one of off, alert, pause, got {g!r}")
+    return g
+
+
 def _payload_codec(s: "_Section") -> str:
     c = s.get("compression", str, "zstd")
     if c not in codec.CHOICES:
@@ -383,6 +394,10 @@ def _parse_mirror(t: Any, base: Path) -> MirrorConfig:
         history_dir=_abs_path(s, "history_dir", base) if "history_dir" in t else None,
         history_hours=s.number("history_hours", 24.0, minimum=0.0, maximum=24 * 366),
         history_max_gib=s.number("history_max_gib", 10.0, minimum=0.0),
+        guard=_guard_mode(s),
+        guard_window_s=s.number("guard_window_s", 60.0, minimum=1.0, maximum=86400),
+        guard_min_files=s.integer("guard_min_files", 100, minimum=1),
+        guard_fraction=s.number("guard_fraction", 0.05, minimum=0.0, maximum=1.0),
     )
     if mc.history_dir is not None and (mc.history_dir == root or root in mc.history_dir.parents):
         raise ConfigError("mirror.history_dir", "must not be inside mirror.root")

@@ -225,6 +225,18 @@ class MirrorMetrics(CommonMetrics):
             "volmirror_mirror_last_point_timestamp_seconds", "Source time of the latest restore point recorded here", ["volume"],
             registry=registry,
         )
+        self.mass_change = Gauge(
+            "volmirror_mirror_mass_change", "1 while the volume goes through a burst of rewrites, deletions or renames no normal "
+            "workload makes (ransomware, rm -rf): daemon.mirror.guard", ["volume"], registry=registry,
+        )
+        self.mass_changes = Counter(
+            "volmirror_mirror_mass_changes_total", "Mass changes detected, by kind (rewrites|deletes|renames)", ["volume", "kind"],
+            registry=registry,
+        )
+        self.guard_paused = Gauge(
+            "volmirror_mirror_guard_paused", "1 while applying the volume is held by the mass-change guard (mirror.guard = pause) "
+            "until `volmirror resume`", ["volume"], registry=registry,
+        )
         self.history_bytes = Gauge(
             "volmirror_mirror_history_bytes", "Disk used by the volume's history (undo journal and removed paths kept)", ["volume"],
             registry=registry,
@@ -303,6 +315,10 @@ class MirrorMetrics(CommonMetrics):
         self.points.labels(vol)
         self.last_point.labels(vol)
         self.history_bytes.labels(vol)
+        self.mass_change.labels(vol)
+        self.guard_paused.labels(vol)
+        for k in ("rewrites", "deletes", "renames"):
+            self.mass_changes.labels(vol, k)
         self.history_pruned.labels(vol)
         for r in ("stream", "listing"):
             self.deleted_files.labels(vol, r)

@@ -98,3 +98,30 @@ def _error(as_json: bool, msg: str) -> int:
         print(json.dumps({"error": msg, "identical": None}))
     print(f"volmirror: {msg}", file=sys.stderr)
     return EXIT_CONFIG
+
+
+def run_resume(cfg: Config, volume: str) -> int:
+    """``volmirror resume``: ask the running mirror agent to apply a volume the mass-change guard
+    paused (``GET /resume?volume=V``). Exit 0 resumed; 1 not paused; 2 agent not reachable or bad usage."""
+    if cfg.mirror is None:
+        print("volmirror: resume needs a config with a [mirror] section (run it on the DR host)", file=sys.stderr)
+        return EXIT_CONFIG
+    host, port = cfg.metrics.host_port
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    url = f"http://{host}:{port}/resume?" + urllib.parse.urlencode({"volume": volume})
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - local agent endpoint
+            body: dict[str, Any] = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("error") or str(e)
+        except ValueError:
+            msg = str(e)
+        print(f"volmirror: {msg}", file=sys.stderr)
+        return EXIT_FAILURE if e.code == 404 else EXIT_CONFIG
+    except (OSError, ValueError) as e:
+        print(f"volmirror: mirror agent not reachable at {cfg.metrics.listen}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{volume}: applying resumed (it was paused: {body.get('was', {}).get('why')})")
+    return EXIT_OK

@@ -87,7 +87,7 @@ class MirrorAgent:
                 raise ConfigError(key, f"cannot create {d}: {e.strerror}") from None
         self.actor = ApplyActor(mc, self.m, send=self.outbox.append, mirrored=self.mirrored, on_volume=self._init_volume, faults=self.faults)
         host, port = self.cfg.metrics.host_port
-        http = HttpServer(host, port, self.registry, self.status, routes={"/verify": self.http_verify})
+        http = HttpServer(host, port, self.registry, self.status, routes={"/verify": self.http_verify, "/resume": self.http_resume})
         try:
             await http.start()
         except OSError as e:
@@ -187,11 +187,14 @@ class MirrorAgent:
             await asyncio.sleep(1.0)
             return None
 
-    async def _drop_ahead(self) -> None:
+    async def _drop_ahead(self, only: set[tuple[str, int]] | None = None) -> None:
         """Drop the fetch made ahead, before positions are rewound (a failed apply or durability
         point): each partition it read is sought back to its first record, so nothing of it is
         skipped and nothing of it is applied before what comes earlier in the stream (the rewind
-        that follows may go further back)."""
+        that follows may go further back). ``only``: drop just these partitions' records (the ones
+        whose apply failed) and keep the rest for the next round, if the fetch is complete: a
+        partition that keeps failing must not hold back the others, whose records would otherwise
+        be fetched ahead and dropped again and again."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return
@@ -204,10 +207,18 @@ class MirrorAgent:
                 raise  # we are being cancelled ourselves
             return
         first: dict[tuple[str, int], int] = {}
+        keep: list[Record] = []
         for r in recs or ():
-            first.setdefault((r.topic, r.partition), r.offset)
+            if only is not None and (r.topic, r.partition) not in only:
+                keep.append(r)
+            else:
+                first.setdefault((r.topic, r.partition), r.offset)
         for (t, p), off in first.items():
             self.consumer.seek(t, p, off)
+        if keep:
+            done: asyncio.Future[list[Record] | None] = asyncio.get_running_loop().create_future()
+            done.set_result(keep)
+            self._ahead = done
 
     async def _applied(self, res: Any, recs: list[Record]) -> bool:
         """Take an apply's result; True if it failed (handled: positions rewound, paused)."""
@@ -217,12 +228,15 @@ class MirrorAgent:
         for tp, off in res.next_offsets.items():
             self.position[tp] = off
             self._pending_commit[tp] = off
-        if res.error:
-            backoff = self._backoff()
-            log.error("apply failed: %s; retrying in %.0f s", res.error, backoff)
+        if res.error or res.paused:
+            if res.error:
+                backoff = self._backoff()
+                log.error("apply failed: %s; retrying in %.0f s", res.error, backoff)
+            else:
+                backoff = 1.0  # held by the mass-change guard (logged once, when it paused): look again in a second
             if not await self._durable_commit([(r.topic, r.partition) for r in recs]):
                 return True  # rewound to the last durable point, the failed batch's partitions included
-            await self._drop_ahead()
+            await self._drop_ahead(only=set(res.rewind))
             for (t, p), off in res.rewind.items():
                 self.consumer.seek(t, p, off)
                 self.position[(t, p)] = off
@@ -429,6 +443,16 @@ class MirrorAgent:
             await asyncio.sleep(0.1)
         raise TimeoutError(f"no answer within {timeout:.0f} s: waited for {what}")
 
+    async def http_resume(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """``volmirror resume``: apply a volume the mass-change guard paused."""
+        vol = q.get("volume", "")
+        if not VOLUME_NAME_RE.match(vol):
+            return 400, {"error": "give ?volume=NAME"}
+        was = await self.actor.call(self.actor.resume, vol)
+        if was is None:
+            return 404, {"error": f"volume {vol!r} is not paused"}
+        return 200, {"resumed": vol, "was": was}
+
     # -- assignment, lag, probe, coverage -------------------------------------------------------
     async def _on_assign(self, consumer: Consumer, parts: list[tuple[str, int]]) -> None:
         if not parts:
@@ -524,6 +548,8 @@ class MirrorAgent:
             reasons.append(f"{quarantined} quarantined path(s)")
         if unprotected:
             reasons.append(f"{unprotected} path(s) the source cannot replicate")
+        if prog is not None and prog.paused:
+            reasons.append(f"applying paused by the mass-change guard ({prog.paused}); `volmirror resume` continues")
         return {"protected": not reasons, "why_not": reasons, "lag_seconds": lag, "last_verified": verified, "drift_files": drift,
                 "quarantined": quarantined, "unprotected_paths": unprotected}
 
@@ -553,6 +579,8 @@ class MirrorAgent:
                 "unprotected_paths": cov["unprotected_paths"],
                 "protected": cov["protected"],
                 "why_not_protected": cov["why_not"],
+                "mass_change": prog.mass_change if prog else None,
+                "guard_paused": bool(prog and prog.paused),
             }
         return {
             "agent": "mirror",

@@ -472,7 +472,8 @@ class Applier:
         self._ensure_parent(vr, dst)
         try:
             dstat = os.lstat(dst)
-            if stat.S_ISDIR(dstat.st_mode) and stat.S_ISDIR(sst.st_mode):
+            history = self.undo is not None and self.undo.active(ev.vol)
+            if stat.S_ISDIR(dstat.st_mode) and stat.S_ISDIR(sst.st_mode) and not (history and not os.listdir(dst)):
                 # A live rename onto a non-empty directory cannot happen at the source (ENOTEMPTY):
                 # this one comes from a source whose index is behind the stream (it crashed after
                 # sending, and its start-up scan matched a reused inode). Merge instead of deleting
@@ -485,8 +486,8 @@ class Applier:
                 self._touch_dir(full)
                 self._touch_dir(dst)
                 return 0
-            if stat.S_ISDIR(dstat.st_mode) != stat.S_ISDIR(sst.st_mode) or (self.undo is not None and self.undo.active(ev.vol)):
-                self._remove(dst)  # with history: moved aside, not replaced by the rename
+            if stat.S_ISDIR(dstat.st_mode) != stat.S_ISDIR(sst.st_mode) or history:
+                self._remove(dst)  # with history: moved aside (an empty directory too), not replaced by the rename
             else:
                 self._release(dst)
         except FileNotFoundError:

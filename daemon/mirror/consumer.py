@@ -40,6 +40,7 @@ from ..wire import Event, decode
 from . import repair as R
 from .applier import Applier, ApplyError
 from .drift import Drift
+from .guard import Burst, Guard, looks_encrypted
 from .history import History, prune_plan
 from ..store.mirror_index import MirrorIndex
 from .scrubber import Scrubber
@@ -53,12 +54,17 @@ PLANNABLE = frozenset(("block", "truncate", "manifest", "file", "mkdir", "symlin
 UNKNOWN_VOLUME = "_unknown"
 
 
+class GuardPause(Exception):
+    """The volume is paused by the mass-change guard: its partition stops at this record."""
+
+
 @dataclass
 class BatchResult:
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     rewind: dict[tuple[str, int], int] = field(default_factory=dict)
     applied: int = 0
     error: str | None = None
+    paused: str | None = None  # a volume the guard holds: its partition waits at its record (rewind)
     state_error: str | None = None  # index write failed: re-read from the last durable offsets
 
 
@@ -101,6 +107,8 @@ class VolumeSnap:
     quarantined: int
     conflict: str | None
     last_verified: float | None
+    mass_change: str | None = None  # the burst going on (mass-change guard)
+    paused: str | None = None  # why applying is held (guard = "pause")
 
 
 class ApplyActor:
@@ -119,6 +127,13 @@ class ApplyActor:
             self.history.open(vol, k)
             self.history.remove(vol, self.history.orphans(vol, self.idx.points(vol)[0].segment))
         self.applier = Applier(mc.root, undo=self.history)
+        self.guard = Guard(window=mc.guard_window_s, min_files=mc.guard_min_files, fraction=mc.guard_fraction)
+        if mc.guard != "off":
+            self.history.on_rewrite = self._rewrite
+        self._guard_file = mc.state_dir / "guard-paused.json"
+        self.paused: dict[str, dict] = _load_json(self._guard_file)  # volume → why and since when (kept across restarts)
+        self.bursts: dict[str, Burst] = {}  # volumes with a burst going on (alert or pause)
+        self._files: dict[str, tuple[float, int]] = {}  # volume → (when counted, files in its index)
         self.drift = Drift(metrics)
         self.spool = ListingSpool(mc.state_dir / "listing-spool.sqlite")
         self.verifier = Verifier(self.idx, self.applier, metrics, self.drift, self.spool, repair=mc.repair, send=send,
@@ -153,6 +168,13 @@ class ApplyActor:
             return fn(*args)
         finally:
             self.history.unlock()
+            while self.history.broken:
+                vol, k = self.history.broken.pop()
+                self.m.local_errors.labels("history").inc()
+                try:
+                    self.idx.break_points(vol, k)
+                except sqlite3.Error:
+                    pass  # the .broken file says it too
             self._snapshot()
 
     def close(self) -> None:
@@ -164,12 +186,14 @@ class ApplyActor:
 
     def _snapshot(self) -> None:
         snap = {}
-        vols = set(self.idx.volumes) | set(self.drift.paths) | set(self.idx.quarantine) | set(self.conflicts) | set(self.announced)
+        vols = set(self.idx.volumes) | set(self.drift.paths) | set(self.idx.quarantine) | set(self.conflicts) | set(self.announced) | \
+            set(self.paused) - {"*"}
         for v in vols:
             p = self.idx.volumes.get(v)
             snap[v] = VolumeSnap(p.epoch if p else "", p.seq if p else -1, p.last_ts if p else 0.0, p.partition if p else -1,
                                  self.drift.count(v), len(self.idx.quarantine.get(v, {})), self.conflicts.get(v),
-                                 self.verifier.last_verified.get(v))
+                                 self.verifier.last_verified.get(v), self.bursts[v].describe() if v in self.bursts else None,
+                                 (self.paused.get(v) or self.paused.get("*") or {}).get("why"))
         self.snap = snap
 
     # -- applying ---------------------------------------------------------------------------------
@@ -210,7 +234,8 @@ class ApplyActor:
                 except RejectedEvent as err:
                     e = err
                 self._decoded[j] = e
-            if isinstance(e, RejectedEvent) or e.op == "heartbeat" or not self.mirrored(e.vol):
+            if isinstance(e, RejectedEvent) or e.op == "heartbeat" or not self.mirrored(e.vol) or \
+                    (e.op in PLANNABLE and self.idx.is_duplicate(e.vol, e.epoch, e.seq)):
                 j += 1  # changes nothing on disk
                 continue
             if e.op not in PLANNABLE:
@@ -227,12 +252,9 @@ class ApplyActor:
                 break  # keep it simple: a volume without history ends a run that removes
             j += 1
         self._plan_end = max(j, i + 1)
-        try:
-            self.history.flush()
-        except OSError as e:
+        self.history.flush()  # a journal that cannot be written breaks the segment (History._flush), never stops the mirror
+        if not self.history.active(ev.vol):
             self._planned.clear()
-            self.history.discard()
-            raise ApplyError(f"cannot write the history journal: {e.strerror}", e.errno, ev.path) from None
         return i in self._planned
 
     def _apply_records(self, recs: list[Record]) -> BatchResult:
@@ -248,8 +270,15 @@ class ApplyActor:
                 self.reject(r, None, e)
                 res.next_offsets[tp] = r.offset + 1
                 continue
+            planned = False
             try:
-                self._apply_event(r, ev, self._plan(recs, i, ev))
+                planned = self._plan(recs, i, ev)
+                self._apply_event(r, ev, planned)
+            except GuardPause:
+                res.paused = ev.vol
+                res.rewind[tp] = r.offset
+                failed.add(tp)
+                continue
             except RejectedEvent as e:
                 self.reject(r, ev, e)
             except ApplyError as e:
@@ -274,6 +303,9 @@ class ApplyActor:
                     res.rewind[tp] = r.offset
                     failed.add(tp)
                     continue
+            finally:
+                if planned and ev.op in ("delete", "rmtree"):
+                    self.history.unmade(ev.vol, ev.path)  # not removed after all (skipped, failed): not counted as gone
             res.next_offsets[tp] = r.offset + 1
             res.applied += 1
         return res
@@ -312,6 +344,8 @@ class ApplyActor:
         if not self.mirrored(vol):
             return
         self.on_volume(vol)
+        if vol in self.paused or "*" in self.paused:
+            raise GuardPause(vol)
         prog = self.idx.progress(vol)
         prog.partition = r.partition
         if ev.op == "heartbeat":
@@ -353,6 +387,14 @@ class ApplyActor:
             log.warning("TEST SEAM: dropping %s %s", ev.op, ev.path, extra={"volume": vol, "path": ev.path})
             prog.epoch, prog.seq = ev.epoch, ev.seq
             return
+        if self.mc.guard != "off" and ev.op in ("delete", "rmtree", "rename"):
+            now = time.monotonic()
+            if ev.op == "rename":
+                self.guard.renamed(vol, now)
+            else:
+                self.guard.deleted(vol, self.idx.files_below(vol, ev.path), now)
+        if self.mc.guard != "off":
+            self._guard_check(vol)  # before the change: a burst is held before this record when guard = "pause"
         if ev.op != "block" and log.isEnabledFor(logging.DEBUG):
             log.debug("apply %s %s%s seq %d", ev.op, ev.path, f" -> {ev['dst']}" if ev.op == "rename" else "", ev.seq,
                       extra={"volume": vol, "event": "apply"})
@@ -471,7 +513,7 @@ class ApplyActor:
         k = self.idx.add_point(vol, ev["id"], ev.epoch, ev.seq, ev.ts, now)
         pts = self.idx.points(vol)
         gone = prune_plan([(p.segment, p.applied_ts) for p in pts], {p.segment: self.history.size(vol, p.segment) for p in pts}, now,
-                          self.mc.history_hours, self.mc.history_max_gib * 2**30)
+                          self.mc.history_hours, self.mc.history_max_gib * 2**30) if vol not in self.bursts else []  # a burst: keep every point before it
         if gone:
             self.idx.drop_points(vol, max(gone) + 1)
         try:
@@ -488,6 +530,63 @@ class ApplyActor:
         self.m.points.labels(vol).inc()
         self.m.last_point.labels(vol).set(ev.ts)
         log.debug("restore point %d of %s (source point %d, seq %d)", k, vol, ev["id"], ev.seq, extra={"volume": vol, "event": "point"})
+
+    # -- the mass-change guard (daemon.mirror.guard) -------------------------------------------------
+    def _rewrite(self, vol: str, path: str, old: bytes, new: bytes) -> None:
+        if looks_encrypted(old, new):
+            self.guard.rewrite(vol, path, time.monotonic())
+
+    def _volume_files(self, vol: str) -> int:
+        now = time.monotonic()
+        got = self._files.get(vol)
+        if got is None or now - got[0] > 60:
+            got = self._files[vol] = (now, self.idx.count(vol)[0])
+        return got[1]
+
+    def _guard_check(self, vol: str) -> None:
+        burst = self.guard.check(vol, time.monotonic(), self._volume_files(vol))
+        if burst is None:
+            if vol in self.bursts and vol not in self.paused:
+                del self.bursts[vol]
+                self.m.mass_change.labels(vol).set(0)
+                log.warning("volume %s: the mass change is over (nothing unusual in the last %.0f s)", vol, self.guard.window,
+                            extra={"volume": vol, "event": "mass_change_over"})
+            return
+        if vol not in self.bursts:
+            self.bursts[vol] = burst
+            self.m.mass_change.labels(vol).set(1)
+            self.m.mass_changes.labels(vol, burst.kind).inc()
+            pause = self.mc.guard == "pause"
+            log.error("volume %s: MASS CHANGE: %s; %s. Restore points before it: `volmirror points --volume %s`", vol, burst.describe(),
+                      "applying is PAUSED (history kept); `volmirror resume --volume " + vol + "` continues" if pause else
+                      "replicating on (mirror.guard = \"alert\"); its history is not pruned while it lasts", vol,
+                      extra={"volume": vol, "event": "mass_change", "kind": burst.kind, "count": burst.count})
+            if pause:
+                self.paused[vol] = {"why": burst.describe(), "kind": burst.kind, "since": time.time()}
+                self._save_paused()
+                self.m.guard_paused.labels(vol).set(1)
+        if vol in self.paused:
+            raise GuardPause(vol)
+
+    def _save_paused(self) -> None:
+        try:
+            _save_json(self._guard_file, self.paused)
+        except OSError as e:
+            log.error("cannot write %s (%s): the guard's pauses hold until this agent stops, not across a restart", self._guard_file, e,
+                      extra={"event": "state_error"})
+
+    def resume(self, vol: str) -> dict | None:
+        """``volmirror resume``: apply the volume again (its guard window starts afresh)."""
+        was = self.paused.pop(vol, None)
+        if was is None:
+            return None
+        self._save_paused()
+        self.guard.vols.pop(vol, None)
+        self.bursts.pop(vol, None)
+        self.m.guard_paused.labels(vol).set(0)
+        self.m.mass_change.labels(vol).set(0)
+        log.warning("volume %s: resumed by the operator after a mass change (%s)", vol, was.get("why"), extra={"volume": vol, "event": "resumed"})
+        return was
 
     # -- durability ---------------------------------------------------------------------------------
     def make_durable(self) -> None:
@@ -529,6 +628,34 @@ class ApplyActor:
 
     def full_pass(self, vol: str) -> None:
         self.scrubber.full_pass(vol)
+
+
+def _load_json(path: Any) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        # unreadable: better to hold than to apply a burst the operator paused
+        log.error("cannot read %s (%s): every volume stays paused until it is fixed or removed", path, e)
+        return {"*": {"why": f"unreadable {path}"}}
+
+
+def _save_json(path: Any, d: dict) -> None:
+    """Atomically, durably (a pause must survive a crash: after one, the burst is not seen again)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(d, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(str(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _safe_key(key: bytes | None) -> str:

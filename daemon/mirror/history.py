@@ -46,7 +46,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..wire import Event
 
@@ -137,6 +137,7 @@ class Segment:
         self.state.clear()
         self.objs = 0
         self.size = 0
+        self.tail_void = False
         if not self.path.exists():
             return
         entries = list(read_entries(self.path, with_end=True))
@@ -216,8 +217,11 @@ class Segment:
         if dst not in self.state:
             # what arrives at dst existed at the start unless src was created in this segment
             self.state[dst] = PathState(absent=src_created)
-        # src is free now, with no state of its own: what is made there next is journalled as
-        # "absent" (its undo removes it before the rename's undo brings src back)
+        if not src_created:
+            # src is free now, and what is made there next must be journalled as "absent" (its
+            # undo removes it before the rename's undo brings src back): src is explicitly not
+            # "created in this segment", whatever its parents are
+            self.state[src] = PathState(absent=False)
 
     # -- writing ----------------------------------------------------------------------------------
     def add(self, hdr: dict, data: bytes = b"") -> None:
@@ -322,6 +326,10 @@ class History:
         self.planned: dict[str, str] = {}  # full path → object it is to be moved to (planned removals)
         self._lock_fd: int | None = None
         self._sizes: dict[str, dict[int, int]] = {}  # volume → sealed segment → bytes
+        self.broken: list[tuple[str, int]] = []  # (volume, segment) broken since the actor last looked
+        # told of every first write over a block that existed at the last point: (volume, path,
+        # old bytes, new bytes) — the mass-change guard's view of rewrites (daemon.mirror.guard)
+        self.on_rewrite: Callable[[str, str, bytes, bytes], None] | None = None
 
     # -- segments ---------------------------------------------------------------------------------
     def open(self, vol: str, k: int) -> None:
@@ -337,8 +345,44 @@ class History:
         return vol in self.segs
 
     def flush(self) -> None:
-        for s in self.segs.values():
-            s.flush()
+        for s in list(self.segs.values()):
+            self._flush(s)
+
+    def _flush(self, seg: Segment) -> bool:
+        """Flush a segment's entries; if the journal cannot be written (history_dir full, I/O
+        error), the segment is *broken* instead of the mirror stopping: its volume is journalled
+        no more until its next point, and the points up to it can no longer be restored (said by
+        ``points``, refused by ``restore``). False if it broke."""
+        try:
+            seg.flush()
+            return True
+        except OSError as e:
+            self._break(seg, f"cannot write the history journal: {e}")
+            return False
+
+    def _break(self, seg: Segment, why: str) -> None:
+        vol = seg.vdir.name
+        log.error("history of %s: %s; restore points up to %d can no longer be rebuilt; replicating on, journalling again from "
+                  "the next point", vol, why, seg.k, extra={"volume": vol, "event": "history_broken"})
+        try:
+            seg.vdir.mkdir(parents=True, exist_ok=True)
+            (seg.vdir / f"seg-{seg.k:08d}.broken").touch()
+        except OSError:
+            pass  # the index's points say it too (ApplyActor._run)
+        seg.pending.clear()
+        seg.close()
+        if self.segs.get(vol) is seg:
+            del self.segs[vol]
+        self.planned = {f: o for f, o in self.planned.items() if not f.startswith(os.path.join(self.mirror_root, vol) + "/")}
+        self.broken.append((vol, seg.k))
+
+    def unmade(self, vol: str, path: str) -> None:
+        """A record whose removal was planned was not applied (a duplicate, a failure): its
+        "moved" entry never happened; the state must not say the path is gone."""
+        seg = self.segs.get(vol)
+        full = os.path.join(self.mirror_root, vol, path)
+        if self.planned.pop(full, None) is not None and seg is not None:
+            seg.discard()
 
     def discard(self) -> None:
         """Forget planned entries not flushed, and planned removals (a run that will not be applied)."""
@@ -405,7 +449,7 @@ class History:
             self._plan_create(seg, vr, ev.path, "d")
         elif ev.op == "symlink":
             self._plan_create(seg, vr, ev.path, "l", ev["target"])
-        seg.flush()
+        self._flush(seg)
 
     def _missing_from(self, seg: Segment, vr: str, path: str) -> str | None:
         """The outermost of ``path`` and its parents that does not exist (None if path's parent
@@ -466,6 +510,8 @@ class History:
                     off = b * bs
                     data = os.pread(fd, min(bs, orig - off), off)
                     seg.add({"t": "data", "p": path, "b": b, "off": off}, data)
+                    if b == first and op in ("block", "file") and ev.payload and self.on_rewrite is not None:
+                        self.on_rewrite(ev.vol, path, data, ev.payload)
             finally:
                 os.close(fd)
         return True
@@ -517,23 +563,35 @@ class History:
             obj = self.planned.pop(full, None)
             if obj is None:
                 return False  # created in this segment: plainly removed
-        seg.flush()
+        if not self._flush(seg):
+            return False
         dst = seg.vdir / obj
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.rename(full, dst)
         except OSError as e:
             if e.errno != errno.EXDEV:
-                self._void(seg)
+                seg.discard()  # its object is not there: the "moved" entry counts as never made
                 raise
-            # history_dir on another file system: copy, then the applier removes the original
+        else:
+            return True
+        # history_dir on another file system: copy (under a temporary name, so that an object that
+        # is there is a whole one), then the applier removes the original
+        tmp = dst.with_name(dst.name + ".tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
             if os.path.isdir(full) and not os.path.islink(full):
-                shutil.copytree(full, dst, symlinks=True)
+                shutil.copytree(full, tmp, symlinks=True)
             else:
-                shutil.copy2(full, dst, follow_symlinks=False)
-            _fsync_tree(dst)
-            return False
-        return True
+                shutil.copy2(full, tmp, follow_symlinks=False)
+            _fsync_tree(tmp)
+            os.rename(tmp, dst)
+            _fsync_dir(dst.parent)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else (os.path.lexists(tmp) and os.unlink(tmp))
+            seg.discard()
+            raise
+        return False
 
     def rename_parents(self, vol: str, vr: str, dst: str) -> None:
         """Before the applier creates the missing parents of a rename's destination."""
@@ -546,7 +604,7 @@ class History:
             return  # the applier moves the file in the way aside first (take), then makes the parent
         if missing is not None and not seg.created(missing):
             seg.add({"t": "absent", "p": missing})
-            seg.flush()
+            self._flush(seg)
 
     def renaming(self, vol: str, src_full: str, dst_full: str) -> bool:
         """Just before ``os.rename(src, dst)`` (dst is free: the applier moved it away first).
@@ -561,11 +619,11 @@ class History:
             journalled = not seg.created(dst)
             if journalled:
                 seg.add({"t": "absent", "p": dst})
-                seg.flush()
+                journalled = self._flush(seg)
             seg._move(src, dst)
             return journalled
         seg.add({"t": "renamed", "p": src, "dst": dst})
-        seg.flush()
+        return self._flush(seg)
 
     def rename_failed(self, vol: str, journalled: bool) -> None:
         """The ``os.rename`` :meth:`renaming` was told of failed."""
@@ -579,24 +637,18 @@ class History:
 
     def _void(self, seg: Segment) -> None:
         """The last journalled change failed. If even that cannot be journalled, the segment can
-        no longer take the tree back exactly: it is marked broken (points up to it are no longer
-        restorable; the next point starts a sound segment)."""
+        no longer take the tree back exactly: it is broken (see _flush)."""
         try:
             seg.void()
         except OSError as e:
-            log.error("history of %s: cannot journal that a change failed (%s); restore points up to segment %d are no longer "
-                      "restorable", seg.vdir.name, e, seg.k, extra={"volume": seg.vdir.name, "event": "history_broken"})
-            try:
-                (seg.vdir / f"seg-{seg.k:08d}.broken").touch()
-            except OSError:
-                pass
+            self._break(seg, f"cannot journal that a change failed: {e}")
 
     def unproven(self, vol: str, path: str, why: str) -> None:
         """A change the journal cannot undo exactly: restores through this segment report the path."""
         seg = self.segs.get(vol)
         if seg is not None:
             seg.add({"t": "unproven", "p": path, "why": why})
-            seg.flush()
+            self._flush(seg)
 
     # -- sizes and pruning ------------------------------------------------------------------------
     def segment_files(self, vol: str) -> list[int]:

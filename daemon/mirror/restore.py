@@ -87,6 +87,7 @@ def list_points(mc: MirrorConfig, vol: str) -> tuple[list[Point], dict[int, bool
     vdir = mc.history_path / vol
     broken = {int(n.split("-")[1].split(".")[0]) for n in _names(vdir) if n.endswith(".broken")}
     ok: dict[int, bool] = {}
+    broken |= {p.segment for p in pts if p.state == "broken"}
     bad_from = max(broken) if broken else 0  # a point at or before a broken segment cannot be rebuilt
     for p in pts:
         ok[p.segment] = p.segment > bad_from
@@ -131,7 +132,8 @@ def choose(pts: list[Point], ok: dict[int, bool], *, at: float | None, point: in
     if not usable:
         raise RestoreError("no restore point to restore: the source has not sent one yet (it does once the volume is quiet)")
     if at is None:
-        return usable[-1]
+        good = [p for p in usable if p.state != "mismatch"]
+        return (good or usable)[-1]
     before = [p for p in usable if p.src_ts <= at]
     if not before:
         raise RestoreError(f"--at: no restore point at or before {_fmt(at)}; the oldest is {usable[0].segment} at {_fmt(usable[0].src_ts)}")
@@ -157,7 +159,15 @@ def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, po
         if not vr.is_dir():
             raise RestoreError(f"the mirror has no tree for volume {vol!r} at {vr}")
         unproven: dict[str, str] = {}
-        undone = rebuild(vr, mc.history_path / vol, p.segment, pts[-1].segment, to, unproven)
+        made = not to.exists()
+        try:
+            undone = rebuild(vr, mc.history_path / vol, p.segment, pts[-1].segment, to, unproven)
+        except OSError as e:
+            _clear(to, made)
+            raise RestoreError(f"restore into {to} failed, nothing kept there: {e}") from None
+        if p.state == "mismatch":
+            unproven[""] = ("the source's checkpoint right after this point did not match the mirror: the mirror was not "
+                            "identical to the source at this point")
     finally:
         hist.unlock()
         hist.close()
@@ -247,6 +257,14 @@ def _copy_one(s: str, d: Path) -> None:
         os.chmod(d, stat.S_IMODE(st.st_mode))
 
 
+def _clear(to: Path, made: bool) -> None:
+    if made:
+        _rm(to)
+        return
+    for n in os.listdir(to):
+        _rm(to / n)
+
+
 def _rm(p: Path) -> None:
     try:
         st = os.lstat(p)
@@ -266,9 +284,43 @@ def _rm(p: Path) -> None:
         os.unlink(p)
 
 
+class _Unsafe(Exception):
+    """A parent of an undo entry's path is not a real directory inside --to (a symlink, a file)."""
+
+
+def _inside(to: Path, rel: str, *, make: bool = False) -> Path:
+    """``to / rel``, after checking that every parent component is a real directory (never a
+    symlink): nothing is ever read, written or removed outside ``--to`` through a link found in the
+    mirror's tree. ``make``: create missing parents. Raises _Unsafe."""
+    parts = [c for c in rel.split("/") if c]
+    if not parts or any(c in (".", "..") for c in parts):
+        raise _Unsafe(f"not a path inside the volume: {rel!r}")
+    cur = to
+    for comp in parts[:-1]:
+        cur = cur / comp
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            if not make:
+                return to.joinpath(*parts)  # the path cannot exist: nothing to follow
+            os.mkdir(cur, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise _Unsafe(f"{os.path.relpath(cur, to)} is not a directory here")
+    return to.joinpath(*parts)
+
+
 def _undo(to: Path, vdir: Path, hdr: dict, data: bytes, unproven: dict[str, str]) -> None:
     t, rel = hdr["t"], hdr.get("p", "")
-    p = to / rel
+    if t == "unproven":
+        unproven.setdefault(rel, hdr.get("why", "not journalled exactly"))
+        return
+    try:
+        p = _inside(to, rel, make=t in ("moved", "renamed"))
+        d = _inside(to, hdr["dst"]) if t == "renamed" else None
+    except _Unsafe as e:
+        unproven.setdefault(rel, f"cannot undo {t}: {e}")
+        return
     if t == "absent":
         _rm(p)
     elif t == "data":
@@ -284,11 +336,15 @@ def _undo(to: Path, vdir: Path, hdr: dict, data: bytes, unproven: dict[str, str]
         if not _is_file(p):
             unproven.setdefault(rel, "a file's original size and metadata have no file to go back onto")
             return
-        os.truncate(p, hdr["size"])
-        os.chmod(p, hdr["mode"])
-        os.utime(p, ns=(hdr["mtime_ns"], hdr["mtime_ns"]), follow_symlinks=False)
+        fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, hdr["size"])
+            os.fchmod(fd, hdr["mode"])
+            os.utime(fd, ns=(hdr["mtime_ns"], hdr["mtime_ns"]))
+        finally:
+            os.close(fd)
     elif t == "dir":
-        if p.is_dir() and not p.is_symlink():
+        if stat.S_ISDIR(_lmode(p)):
             os.chmod(p, hdr["mode"])
         else:
             unproven.setdefault(rel, "a directory's original mode has no directory to go back onto")
@@ -297,19 +353,21 @@ def _undo(to: Path, vdir: Path, hdr: dict, data: bytes, unproven: dict[str, str]
         if not os.path.lexists(obj):
             return  # the removal was journalled but never made
         _rm(p)
-        p.parent.mkdir(parents=True, exist_ok=True)
         _copy_one(str(obj), p)
-    elif t == "renamed":
-        d = to / hdr["dst"]
+    elif t == "renamed" and d is not None:
         if os.path.lexists(p):
             return  # the rename was journalled but never made
         if not os.path.lexists(d):
             unproven.setdefault(rel, f"renamed to {hdr['dst']}, which is not there to be renamed back")
             return
-        p.parent.mkdir(parents=True, exist_ok=True)
         os.rename(d, p)
-    elif t == "unproven":
-        unproven.setdefault(rel, hdr.get("why", "not journalled exactly"))
+
+
+def _lmode(p: Path) -> int:
+    try:
+        return os.lstat(p).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def _is_file(p: Path) -> bool:

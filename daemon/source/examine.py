@@ -102,7 +102,7 @@ class Examiner:
                 await self._remove(b, path, Entry(path, DIR))
             elif again:
                 await self.send(b, "delete", {"path": path})
-            return None
+            return st  # None (gone, or excluded), or a kind that is not replicated (sockets, fifos)
         await self.parents(b, path)
         if again and st.kind in (DIR, SYMLINK) and e is not None and e.kind == st.kind:
             e = None  # resend the directory / link as it is now

@@ -436,7 +436,10 @@ class VolumeWorker:
         doubt = self.doubt.blocks(path) if path in self.doubt else None
         try:
             st = await self.examiner.path(b, path, force=force, resync=resync, mirror_hashes=mirror_hashes, doubt=doubt, pre=pre)
-            self.points.examined(path, st, time.monotonic())
+            if self.vol.is_excluded(path):
+                self.points.event(time.monotonic())  # not replicated: its state is no part of a point
+            else:
+                self.points.examined(path, st, time.monotonic())
         except (PublishError, StateError):
             if resync:
                 self.resyncs[path] = mirror_hashes
@@ -557,7 +560,8 @@ class VolumeWorker:
         if stale:
             self.m.points.labels(self.name, "stale").inc(len(stale))
             for p in stale:
-                self.mark(p, force=True, delay=0)  # changed since it was read: read again first
+                if not self.mark(p, force=True, delay=0):  # changed since it was read: read again first
+                    self.points.read.pop(p, None)  # ... unless it is not replicated at all
             return True
         if self.points.last_event != checked or not self._idle():
             return True  # a change came while the reads were checked: a point later

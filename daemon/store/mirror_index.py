@@ -196,10 +196,21 @@ class MirrorIndex(SourceIndex):
                         ("verified" if match else "mismatch", root if match else None, vol, row[0]))
         return next((p for p in self.points(vol) if p.segment == row[0]), None)
 
+    def break_points(self, vol: str, upto: int) -> None:
+        """Points up to segment ``upto`` can no longer be rebuilt (their history is incomplete)."""
+        self.begin()
+        self.db.execute("UPDATE points SET state='broken' WHERE volume=? AND segment<=?", (vol, upto))
+
     def drop_points(self, vol: str, below: int) -> None:
         """Forget points whose segments were pruned (segment < below)."""
         self.begin()
         self.db.execute("DELETE FROM points WHERE volume=? AND segment<?", (vol, below))
+
+    def files_below(self, vol: str, path: str) -> int:
+        """Files recorded at or below ``path`` (what a removal of it takes away)."""
+        row = self.db.execute("SELECT count(*) FROM entries WHERE volume=? AND kind='f' AND (path=? OR (path>=? AND path<?))",
+                              (vol, path, path + "/", path + "0")).fetchone()
+        return int(row[0])  # files still only in the write-back cache are not counted: a guard's estimate
 
     # -- quarantine: paths whose records this mirror cannot apply ----------------------------------
     def quarantine_add(self, vol: str, path: str, reason: str, partition: int, offset: int, ts: float, detail: str) -> bool:

@@ -162,6 +162,9 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path, kafka_own, topic
     v = s.src["vol1"]
     (v / "a.bin").write_bytes(os.urandom(600_000))
     (v / "doc.txt").write_text("case file\n" * 500)
+    (v / "batch").mkdir()
+    for i in range(12):  # removed at once later: a mass deletion (guard_min_files = 10 at this mirror)
+        (v / "batch" / f"f{i}.txt").write_text(f"file {i}\n")
     # the second volume: a short source root, so the source can hold a ~4000-byte relative path
     deep_src = Path(tempfile.mkdtemp(prefix="vmq", dir="/tmp"))
     (deep_src / "hello.txt").write_text("hello")
@@ -170,7 +173,7 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path, kafka_own, topic
         "volumes": [{"name": "vol1", "path": str(v)}, {"name": "deep", "path": str(deep_src)}]})
     stall = tmp_path / "stall"
     s.source.start()
-    m = s.add_mirror(repair=False, rpo_seconds=5.0, volumes=["vol1"])
+    m = s.add_mirror(repair=False, rpo_seconds=5.0, volumes=["vol1"], guard_min_files=10, guard_fraction=0.0)
     m.seams = ["--stall-file", str(stall)]
     m.start()
     deep_root = long_dir(tmp_path, 150)
@@ -254,6 +257,11 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path, kafka_own, topic
         else:
             assert not (s.mirror_path() / "intruder.txt").exists()
             measure(t, [("MirrorDeletedByListing", vol1)])
+
+        # 3b. a mass deletion: 12 files removed at once (the guard's threshold here is 10)
+        t = time.monotonic()
+        shutil.rmtree(v / "batch")
+        measure(t, [("MassChangeDetected", vol1)])
 
         # 4. mirror stopped: the lag alert keeps counting from the last applied event
         t = time.monotonic()

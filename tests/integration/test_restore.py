@@ -523,3 +523,79 @@ def test_history_pruning_respects_history_max_gib(setup_factory, tmp_path):
     assert got in versions, "the oldest kept point restored to bytes the file never had"
     if oldest["id"] in by_point:  # a point seen just before a rewrite: exactly that version
         assert got == by_point[oldest["id"]], "the oldest kept point restored to another version"
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. the mass-change guard
+
+
+def test_guard_pauses_a_mass_overwrite_and_not_a_normal_workload(setup_factory, tmp_path, record_property):
+    """With ``mirror.guard = "pause"``: a normal workload (new random files every 20 ms, a few
+    edits, a few deletions) never trips the guard; 200 of 2,000 text files overwritten with random
+    bytes (ransomware) do: MassChangeDetected's metric goes to 1, applying the volume stops before
+    the burst is through (the mirror keeps most originals), `status` says the volume is not protected,
+    and the point from before the burst restores every original. ``volmirror resume`` then lets the
+    burst through, and the mirror converges on the source."""
+    s, v, m = start(setup_factory, mirror_extra={"guard": "pause"})
+    rng = random.Random()
+    words = [b"case", b"file", b"court", b"registry", b"archive", b"judgement", b"appeal", b"record"]
+    for i in range(2000):
+        p = v / f"d{i % 40:02d}" / f"f{i:04d}.txt"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b" ".join(rng.choice(words) for _ in range(rng.randint(300, 1500))))
+    originals = read_tree(v)
+    s.source.start()
+    m.start()
+    wait_converged(v, s.mirror_path(), timeout=120, agents=[s.source, m])
+
+    # a normal workload: new (random) files, edits, deletions, for 8 s
+    (v / "incoming").mkdir()
+    t_end = time.time() + 8
+    n = 0
+    while time.time() < t_end:
+        (v / "incoming" / f"upload{n:04d}.bin").write_bytes(os.urandom(rng.randint(1000, 20000)))
+        if n % 25 == 0:
+            victim = v / f"d{n % 40:02d}" / f"f{n:04d}.txt"
+            victim.write_bytes(victim.read_bytes() + b" appended")
+        if n % 40 == 39:
+            (v / "incoming" / f"upload{n - 20:04d}.bin").unlink()
+        n += 1
+        time.sleep(0.02)
+    wait_converged(v, s.mirror_path(), timeout=60, agents=[s.source, m])
+    assert m.metric("volmirror_mirror_mass_change", volume="vol1") == 0, "a normal workload tripped the guard"
+    assert sum(m.metric("volmirror_mirror_mass_changes_total", volume="vol1", kind=k) for k in ("rewrites", "deletes", "renames")) == 0
+    before = read_tree(v)
+    p0 = wait_for(lambda: (p := newest_restorable(points(m))) and p["time"] > t_end and p, 30, "a point after the normal workload")
+
+    # the attack: 200 existing files rewritten with random bytes
+    t_attack = time.monotonic()
+    victims = rng.sample(sorted(k for k, x in before.items() if isinstance(x, bytes) and k.startswith("d")), 200)
+    for rel in victims:
+        (v / rel).write_bytes(os.urandom(len(before[rel])))
+    wait_for(lambda: m.metric("volmirror_mirror_mass_change", volume="vol1") == 1, 60, "the guard tripping")
+    delay = time.monotonic() - t_attack
+    record_property("guard_detection_delay_s", round(delay, 2))
+    print(f"\nguard: tripped {delay:.2f} s after the first of 200 rewrites began")
+    assert m.metric("volmirror_mirror_guard_paused", volume="vol1") == 1
+    time.sleep(3)  # paused: nothing more of the burst is applied
+    mirrored = read_tree(s.mirror_path())
+    applied = sum(1 for rel in victims if mirrored.get(rel) != before[rel])
+    assert applied < 200, "the whole burst reached the mirror although the guard paused it"
+    st = m.status()["volumes"]["vol1"]
+    assert st["guard_paused"] and not st["protected"], st
+    assert any("mass-change guard" in w for w in st["why_not_protected"]), st
+    print(f"guard: {applied} of 200 rewrites applied before the pause")
+    record_property("guard_rewrites_applied_before_pause", applied)
+
+    dest = tmp_path / "before-attack"
+    rc, rep, out = restore(m, dest, "--point", str(p0["id"]))
+    assert rc == 0, out
+    assert_same_tree(before, dest, "the point before the attack")
+
+    r = m.cli("resume", "--volume", "vol1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = m.cli("resume", "--volume", "vol1")
+    assert r.returncode == 1, "resuming a volume that is not paused must say so (exit 1)"
+    wait_converged(v, s.mirror_path(), timeout=60, agents=[s.source, m])
+    assert m.metric("volmirror_mirror_guard_paused", volume="vol1") == 0
+    del originals

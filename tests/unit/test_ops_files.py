@@ -25,7 +25,7 @@ DASHBOARD = REPO / "grafana/volmirror.json"
 RUNBOOKS = REPO / "docs/runbooks.md"
 ALERTS = {"ReplicationLagHigh", "MirrorStalled", "ReplicaDrift", "VerificationStale", "VolumeUnprotected",
           "SourceHeartbeatMissing", "AgentDown", "RejectedEvents", "KafkaDisconnected",
-          "MirrorQuarantine", "MirrorDeletedByListing", "MirrorLocalErrors", "SourceUnprotectedPaths"}
+          "MirrorQuarantine", "MirrorDeletedByListing", "MirrorLocalErrors", "SourceUnprotectedPaths", "MassChangeDetected"}
 PROMQL_WORDS = {"sum", "max", "min", "count", "by", "on", "and", "or", "unless", "rate", "increase", "time", "group_left",
                 "max_over_time", "humanizeDuration", "without", "ignoring", "avg", "bool", "offset", "clamp_min", "histogram_quantile"}
 
