@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..blocks import _zeros
 from ..wire import Event
 
 log = logging.getLogger("volmirror.mirror.history")
@@ -56,6 +57,7 @@ _FRAME = struct.Struct(">II")  # body length, crc32 of the body
 MAX_ENTRY = 64 * 1024 * 1024  # a frame longer than this is a torn or corrupt tail
 SEG_RE = re.compile(r"^seg-(\d{8})\.undo$")
 CONTENT_OPS = ("block", "truncate", "manifest", "file")
+PAGE = 4096  # what of a block is saved: only its pages that a change alters (a 4 KiB edit saves 4 KiB, not the block)
 
 
 def seg_name(k: int) -> str:
@@ -108,7 +110,8 @@ class PathState:
 
     absent: bool = False  # did not exist at the segment's start (created in it): nothing to save
     orig_size: int | None = None  # a file's size at the start (its "orig" entry is written)
-    saved: set[int] = field(default_factory=set)  # blocks whose original bytes are saved
+    saved: set[int] = field(default_factory=set)  # blocks whose original bytes are saved (all their pages)
+    pages: dict[int, int] = field(default_factory=dict)  # block → bitmask of its pages saved (blocks saved in part)
     dir_saved: bool = False  # a directory's mode is saved
 
 
@@ -188,7 +191,17 @@ class Segment:
             s = self.state.setdefault(p, PathState())
             s.orig_size = hdr["size"]
         elif t == "data":
-            self.state.setdefault(p, PathState()).saved.add(hdr["b"])
+            s = self.state.setdefault(p, PathState())
+            b = hdr["b"]
+            if "np" not in hdr:
+                s.saved.add(b)
+            else:
+                mask = s.pages.get(b, 0) | (((1 << -(-hdr["n"] // PAGE)) - 1) << hdr["pg"])
+                if mask == (1 << hdr["np"]) - 1:
+                    s.saved.add(b)
+                    s.pages.pop(b, None)
+                else:
+                    s.pages[b] = mask
         elif t == "dir":
             self.state.setdefault(p, PathState()).dir_saved = True
         elif t == "moved":
@@ -284,6 +297,21 @@ class Segment:
         name = f"{obj_dir(self.k)}/{self.objs}"
         self.objs += 1
         return name
+
+
+def _changed(old: bytes, new: bytes | memoryview | None, cut: int | None) -> int:
+    """Bitmask of the pages of a block (``old``: its bytes before, within the file's original size)
+    that a change alters: ``new`` written at the block's start, and everything from ``cut`` (an
+    offset in the block, if the file is cut there) gone."""
+    mask = 0
+    n = len(new) if new is not None else 0
+    for i in range(-(-len(old) // PAGE)):
+        lo, hi = i * PAGE, min((i + 1) * PAGE, len(old))
+        if cut is not None and cut < hi:
+            mask |= 1 << i  # (part of) this page goes with the cut
+        elif new is not None and lo < n and new[lo : min(hi, n)] != old[lo : min(hi, n)]:
+            mask |= 1 << i
+    return mask
 
 
 def _fsync_tree(p: Path) -> None:
@@ -507,14 +535,40 @@ class History:
             fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 for b in todo:
-                    off = b * bs
-                    data = os.pread(fd, min(bs, orig - off), off)
-                    seg.add({"t": "data", "p": path, "b": b, "off": off}, data)
-                    if b == first and op in ("block", "file") and ev.payload and self.on_rewrite is not None:
-                        self.on_rewrite(ev.vol, path, data, ev.payload)
+                    start = b * bs
+                    old = os.pread(fd, min(bs, orig - start), start)
+                    if op == "block":
+                        new: bytes | memoryview | None = _zeros(ev["len"]) if ev["zero"] else ev.payload
+                        cut = None  # a block write leaves what lies after it
+                    elif op == "file":
+                        new, cut = (ev.payload if b == 0 else None), ev["size"]
+                    else:
+                        new, cut = None, ev["size"]
+                    first_touch = b not in s.pages
+                    self._save(seg, s, path, b, start, old, _changed(old, new, cut - start if cut is not None else None))
+                    if b == first and first_touch and op in ("block", "file") and ev.payload and self.on_rewrite is not None:
+                        self.on_rewrite(ev.vol, path, old, ev.payload)
             finally:
                 os.close(fd)
         return True
+
+    @staticmethod
+    def _save(seg: Segment, s: PathState, path: str, b: int, start: int, old: bytes, changed: int) -> None:
+        """Journal the original bytes of the pages of block ``b`` (at ``start``) that this change
+        alters and that are not saved yet, in runs of consecutive pages."""
+        np = -(-len(old) // PAGE)
+        want = changed & ~s.pages.get(b, 0)
+        i = 0
+        while i < np:
+            if not want >> i & 1:
+                i += 1
+                continue
+            j = i
+            while j < np and want >> j & 1:
+                j += 1
+            data = old[i * PAGE : j * PAGE]
+            seg.add({"t": "data", "p": path, "b": b, "off": start + i * PAGE, "pg": i, "np": np, "n": len(data)}, data)
+            i = j
 
     def _plan_create(self, seg: Segment, vr: str, path: str, kind: str, target: str | None = None) -> bool:
         if seg.created(path):

@@ -375,3 +375,27 @@ def test_a_journal_that_cannot_be_written_breaks_the_segment_not_the_mirror(m, t
     assert (m.root / VOL / "a").read_bytes() == b"b" * 500
     assert not m.hist.active(VOL) and m.hist.broken == [(VOL, 1)]
     assert (m.hdir / VOL / "seg-00000001.broken").exists()
+
+
+def test_an_edit_saves_only_the_pages_it_changes(m, tmp_path):
+    """A 4 KiB edit inside a 16 KiB block saves 4 KiB; a second edit of other pages of the same
+    block saves those; a truncation saves what it cuts; every point still rebuilds exactly."""
+    data = bytearray(os.urandom(3 * BS))
+    m.run([mk("truncate", path="f", size=len(data), bs=BS)] + [blk("f", o, bytes(data[o:o + BS]), len(data)) for o in range(0, len(data), BS)]
+          + [manifest("f", len(data))])
+    m.point()
+    b1 = bytearray(data[BS:2 * BS])
+    b1[4096:8192] = os.urandom(4096)
+    m.run([blk("f", BS, bytes(b1), len(data))])
+    saved = [(h, d) for h, d in read_entries(m.hdir / VOL / seg_name(1)) if h["t"] == "data"]
+    assert [(h["off"], len(d)) for h, d in saved] == [(BS + 4096, 4096)]
+    b1[0:100] = os.urandom(100)
+    b1[4096:4200] = os.urandom(104)  # a page already saved: nothing more
+    m.run([blk("f", BS, bytes(b1), len(data))])
+    m.run([mk("truncate", path="f", size=BS + 5000, bs=BS), manifest("f", BS + 5000)])
+    m.point()
+    m.run([blk("f", 0, os.urandom(BS), BS + 5000)])
+    m.check(tmp_path)
+    saved = [(h["off"], len(d)) for h, d in read_entries(m.hdir / VOL / seg_name(1)) if h["t"] == "data"]
+    assert saved[:2] == [(BS + 4096, 4096), (BS, 4096)], saved
+    assert sum(n for _, n in saved) < 2 * BS + 4096  # never the whole file
