@@ -494,10 +494,13 @@ class History:
                 raise NotADirectoryError(cur)
         return None
 
-    def _plan_content(self, seg: Segment, vr: str, path: str, ev: Event) -> bool:
+    def _existing(self, seg: Segment, vr: str, path: str) -> os.stat_result | bool:
+        """What is at ``path`` before a change that writes or creates it: its lstat if it existed at
+        the segment's start; True if nothing (more) is to be journalled for it (created in this
+        segment, or "absent" journalled now for it or its outermost missing parent); False if a
+        parent is not a directory (the applier moves that aside first)."""
         if seg.created(path):
             return True
-        full = os.path.join(vr, path)
         try:
             missing = self._missing_from(seg, vr, path)
         except NotADirectoryError:
@@ -507,10 +510,16 @@ class History:
                 seg.add({"t": "absent", "p": missing})
             return True
         try:
-            st = os.lstat(full)
+            return os.lstat(os.path.join(vr, path))
         except FileNotFoundError:
             seg.add({"t": "absent", "p": path})
             return True
+
+    def _plan_content(self, seg: Segment, vr: str, path: str, ev: Event) -> bool:
+        st = self._existing(seg, vr, path)
+        if isinstance(st, bool):
+            return st
+        full = os.path.join(vr, path)
         if not stat.S_ISREG(st.st_mode):
             return False
         s = seg.state.get(path)
@@ -571,22 +580,10 @@ class History:
             i = j
 
     def _plan_create(self, seg: Segment, vr: str, path: str, kind: str, target: str | None = None) -> bool:
-        if seg.created(path):
-            return True
+        st = self._existing(seg, vr, path)
+        if isinstance(st, bool):
+            return st
         full = os.path.join(vr, path)
-        try:
-            missing = self._missing_from(seg, vr, path)
-        except NotADirectoryError:
-            return False
-        if missing is not None:
-            if not seg.created(missing):
-                seg.add({"t": "absent", "p": missing})
-            return True
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            seg.add({"t": "absent", "p": path})
-            return True
         if kind == "d" and stat.S_ISDIR(st.st_mode):
             s = seg.state.get(path)
             if s is None or not s.dir_saved:

@@ -323,24 +323,19 @@ def _undo(to: Path, vdir: Path, hdr: dict, data: bytes, unproven: dict[str, str]
         return
     if t == "absent":
         _rm(p)
-    elif t == "data":
+    elif t in ("data", "orig"):
         if not _is_file(p):
-            unproven.setdefault(rel, "a saved block has no file to go back into")
+            unproven.setdefault(rel, "saved bytes have no file to go back into" if t == "data" else
+                                "a file's original size and metadata have no file to go back onto")
             return
         fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            os.pwrite(fd, data, hdr["off"])
-        finally:
-            os.close(fd)
-    elif t == "orig":
-        if not _is_file(p):
-            unproven.setdefault(rel, "a file's original size and metadata have no file to go back onto")
-            return
-        fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, hdr["size"])
-            os.fchmod(fd, hdr["mode"])
-            os.utime(fd, ns=(hdr["mtime_ns"], hdr["mtime_ns"]))
+            if t == "data":
+                os.pwrite(fd, data, hdr["off"])
+            else:
+                os.ftruncate(fd, hdr["size"])
+                os.fchmod(fd, hdr["mode"])
+                os.utime(fd, ns=(hdr["mtime_ns"], hdr["mtime_ns"]))
         finally:
             os.close(fd)
     elif t == "dir":

@@ -682,8 +682,11 @@ def sc_delta(ctx: Ctx) -> dict:
         res["initial_s"] = wait_tree(vol, s.mirror_path(), time.perf_counter(), sync_timeout(1, p["big"]), check, p["big"])["s"]
         # the rounds start from a settled mirror: its first restore point comes after the initial sync
         # and makes it durable (without this wait, round 1 paid for flushing the initial GiB)
-        harness.wait_for(lambda: m.metric("volmirror_mirror_points_total", volume="vol1") >= 1, 120, "a restore point after the initial sync")
+        settle = time.monotonic() + 60  # (without restore points, source.point_interval = 0: no wait beyond this)
+        while m.metric("volmirror_mirror_points_total", volume="vol1") < 1 and time.monotonic() < settle:
+            time.sleep(0.2)
         shutil.copy2(big, rs / "big.img")  # rsync's destination holds the previous version
+        os.sync()  # setup's dirty GiB written now: the mirror's syncfs would otherwise flush it inside round 1
         mfile = s.mirror_path() / "big.img"
         nblk = p["big"] // (4 * KiB)
         fd_m = None
