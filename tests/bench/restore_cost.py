@@ -46,6 +46,9 @@ def main() -> None:
             with open(v / f"big{i:03d}.bin", "wb") as f:
                 for _ in range(64):
                     f.write(os.urandom(1 << 20))
+        (v / "live").mkdir()  # the workloads write into directories that exist at the point, as a live volume's would
+        for i in range(FILES // 1000 + 1):
+            (v / "hour" / f"d{i:03d}").mkdir(parents=True)
         m = s.add_mirror()
         m.log_level = s.source.log_level = "info"
         m.start()
@@ -56,7 +59,6 @@ def main() -> None:
         h0 = history_bytes(hist) if hist.exists() else 0
 
         # 1. the latency workload: 50 new small files per second
-        (v / "live").mkdir()
         t0 = time.time()
         n = 0
         while time.time() - t0 < SECONDS:
@@ -74,8 +76,6 @@ def main() -> None:
         t1 = time.time()
         for i in range(FILES):
             d = v / "hour" / f"d{i // 1000:03d}"
-            if i % 1000 == 0:
-                d.mkdir(parents=True, exist_ok=True)
             (d / f"f{i:07d}.bin").write_bytes(os.urandom(random.randint(1024, 8192)))
         wait_converged(v, s.mirror_path(), timeout=1800, agents=[s.source, m])
         wait_for(lambda: points(m)[-1]["time"] > t1, 120, "a point after the hour's files")
