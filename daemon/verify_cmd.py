@@ -25,16 +25,21 @@ from .config import Config
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 
+def agent_url(cfg: Config, path: str, query: dict[str, str]) -> str:
+    """The local agent's endpoint (its metrics listener; a wildcard address is asked on loopback)."""
+    host, port = cfg.metrics.host_port
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}{path}" + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
 def run_verify(cfg: Config, *, volume: str | None, as_json: bool, repair: bool, wait: float = 60.0) -> int:
     if cfg.mirror is None:
         print("volmirror: verify needs a config with a [mirror] section (run it on the DR host)", file=sys.stderr)
         return EXIT_CONFIG
-    host, port = cfg.metrics.host_port
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
     q = {k: v for k, v in (("volume", volume), ("repair", "1" if repair else None), ("timeout", f"{wait:g}")) if v}
     timeout = 2 * wait + 600  # the agent also scrubs every file: allow for large volumes
-    url = f"http://{host}:{port}/verify" + ("?" + urllib.parse.urlencode(q) if q else "")
+    url = agent_url(cfg, "/verify", q)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - local agent endpoint
             report: dict[str, Any] = json.loads(r.read())
@@ -106,10 +111,7 @@ def run_resume(cfg: Config, volume: str) -> int:
     if cfg.mirror is None:
         print("volmirror: resume needs a config with a [mirror] section (run it on the DR host)", file=sys.stderr)
         return EXIT_CONFIG
-    host, port = cfg.metrics.host_port
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    url = f"http://{host}:{port}/resume?" + urllib.parse.urlencode({"volume": volume})
+    url = agent_url(cfg, "/resume", {"volume": volume})
     try:
         with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - local agent endpoint
             body: dict[str, Any] = json.loads(r.read())

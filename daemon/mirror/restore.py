@@ -23,7 +23,6 @@ import shutil
 import sqlite3
 import stat
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from ..config import VOLUME_NAME_RE, MirrorConfig
 from ..digest import volume_digest
 from ..errors import VolmirrorError
 from ..store.mirror_index import Point, read_points
+from ..store.source_index import Entry
 from .history import History, effective, read_entries, seg_name
 
 EXIT_UNPROVEN = 1
@@ -43,17 +43,6 @@ class RestoreError(VolmirrorError):
     """A restore that cannot be done as asked (usage: exit 2)."""
 
     exit_code = 2
-
-
-@dataclass
-class _Entry:
-    path: str
-    kind: str
-    size: int = 0
-    mtime_ns: int = 0
-    mode: int = 0
-    target: str | None = None
-    root: bytes = b""
 
 
 def _db(mc: MirrorConfig) -> sqlite3.Connection:
@@ -385,16 +374,16 @@ def _count(root: Path) -> tuple[int, int]:
 
 def tree_digest(root: Path, block_size: int) -> str:
     """The volume digest (daemon.digest) of a tree on disk: every file read and hashed."""
-    entries: list[_Entry] = []
+    entries: list[Entry] = []
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             full = os.path.join(dirpath, n)
             rel = os.path.relpath(full, root)
             st = os.lstat(full)
             if stat.S_ISDIR(st.st_mode):
-                entries.append(_Entry(rel, "d", mode=stat.S_IMODE(st.st_mode)))
+                entries.append(Entry(rel, "d", mode=stat.S_IMODE(st.st_mode)))
             elif stat.S_ISLNK(st.st_mode):
-                entries.append(_Entry(rel, "l", target=os.readlink(full)))
+                entries.append(Entry(rel, "l", target=os.readlink(full)))
             elif stat.S_ISREG(st.st_mode):
                 hashes = bytearray()
                 with open(full, "rb", buffering=0) as f:
@@ -403,7 +392,7 @@ def tree_digest(root: Path, block_size: int) -> str:
                         if not b:
                             break
                         hashes += block_hash(b)
-                entries.append(_Entry(rel, "f", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), None, file_root(bytes(hashes), st.st_size)))
+                entries.append(Entry(rel, "f", st.st_size, st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode), root=file_root(bytes(hashes), st.st_size)))
     return volume_digest(entries)[0].hex()
 
 
