@@ -305,6 +305,8 @@ def _changed(old: bytes, new: bytes | memoryview | None, cut: int | None) -> int
     offset in the block, if the file is cut there) gone."""
     mask = 0
     n = len(new) if new is not None else 0
+    if isinstance(new, memoryview):
+        new = new.tobytes()  # slices of bytes compare with memcmp; a memoryview's, byte by byte (9x slower)
     for i in range(-(-len(old) // PAGE)):
         lo, hi = i * PAGE, min((i + 1) * PAGE, len(old))
         if cut is not None and cut < hi:
