@@ -63,6 +63,9 @@ class VolumeConfig:
     path: Path
     block_size: int = DEFAULT_BLOCK
     exclude: tuple[str, ...] = ()
+    point_pre_command: str = ""  # run before each restore point (daemon.source.hooks); "": none
+    point_post_command: str = ""  # run after each restore point, or when none followed the pre-command in time
+    point_hook_timeout: float = 30.0  # seconds: a command is killed after it; a pre-command's point must come within it
 
     def is_excluded(self, rel: str) -> bool:
         """True when the relative POSIX path matches an exclude glob.
@@ -302,8 +305,15 @@ def _parse_volume(t: Any, i: int, base: Path) -> VolumeConfig:
     if bs < MIN_BLOCK or bs > MAX_BLOCK or bs & (bs - 1):
         raise ConfigError(s.key("block_size"), f"must be a power of two from 16384 to 1048576, got {bs}")
     exclude = s.string_list("exclude")
+    pre = s.get("point_pre_command", str, "")
+    post = s.get("point_post_command", str, "")
+    for key, cmd in (("point_pre_command", pre), ("point_post_command", post)):
+        if cmd and not cmd.strip():
+            raise ConfigError(s.key(key), "must be a shell command, or left out")
+    timeout = s.number("point_hook_timeout", 30.0, minimum=0.1, maximum=3600)
     s.done()
-    return VolumeConfig(name=name, path=path, block_size=bs, exclude=exclude)
+    return VolumeConfig(name=name, path=path, block_size=bs, exclude=exclude, point_pre_command=pre.strip(),
+                        point_post_command=post.strip(), point_hook_timeout=timeout)
 
 
 def _parse_source(t: Any, base: Path) -> SourceConfig:
@@ -339,6 +349,11 @@ def _parse_source(t: Any, base: Path) -> SourceConfig:
         compression=_payload_codec(s),
     )
     s.done()
+    if sc.point_interval == 0:
+        for i, v in enumerate(vols):
+            for key in ("point_pre_command", "point_post_command"):
+                if getattr(v, key):
+                    raise ConfigError(f"source.volumes[{i}].{key}", "runs at restore points, but source.point_interval = 0 turns them off")
     return sc
 
 

@@ -140,6 +140,13 @@ class SourceMetrics(CommonMetrics):
         self.last_point = Gauge(
             "volmirror_source_last_point_timestamp_seconds", "Time of the last acknowledged restore point", ["volume"], registry=registry
         )
+        self.point_hooks = Counter(
+            "volmirror_source_point_hooks_total",
+            "Runs of a volume's point_pre_command / point_post_command, by phase (pre|post) and result (ok|failed); "
+            "a failed pre-command means no restore point that round",
+            ["volume", "phase", "result"],
+            registry=registry,
+        )
 
     ERROR_KINDS = ("read", "publish", "state", "internal", "bad_name", "scan")
 
@@ -154,6 +161,9 @@ class SourceMetrics(CommonMetrics):
         for r in ("sent", "stale", "failed"):
             self.points.labels(vol, r)
         self.last_point.labels(vol)
+        for ph in ("pre", "post"):
+            for r in ("ok", "failed"):
+                self.point_hooks.labels(vol, ph, r)
         for r in ("changed", "unchanged", "zero"):
             self.blocks.labels(vol, r)
         self.published_bytes.labels(vol)

@@ -187,10 +187,9 @@ def write_config(path: Path, bootstrap: str, topic: str, *, source: dict | None 
                 lines.append(f"{k} = {source[k]}")
         for v in source["volumes"]:
             lines += ["", "[[source.volumes]]", f'name = "{v["name"]}"', f'path = "{v["path"]}"']
-            if "block_size" in v:
-                lines.append(f"block_size = {v['block_size']}")
-            if "exclude" in v:
-                lines.append("exclude = " + json.dumps(v["exclude"]))
+            for k, val in v.items():
+                if k not in ("name", "path"):
+                    lines.append(f"{k} = {json.dumps(val)}")
         lines.append("")
     if mirror:
         lines += ["[mirror]", f'root = "{mirror["root"]}"', f'state_dir = "{mirror["state_dir"]}"', f'group_id = "{mirror["group_id"]}"']
@@ -207,7 +206,7 @@ class Setup:
     """A source volume, one or more mirror sites, and their agents, all under tmp_path."""
 
     def __init__(self, tmp: Path, bootstrap: str, topic: str, *, volumes: tuple[str, ...] = ("vol1",), block_size: int | None = None,
-                 source_extra: dict | None = None, exclude: list[str] | None = None) -> None:
+                 source_extra: dict | None = None, exclude: list[str] | None = None, volume_extra: dict | None = None) -> None:
         self.tmp = tmp
         self.bootstrap = bootstrap
         self.topic = topic
@@ -222,6 +221,7 @@ class Setup:
                 vol["block_size"] = block_size
             if exclude:
                 vol["exclude"] = exclude
+            vol.update(volume_extra or {})
             vols.append(vol)
         self.source_port = free_port()
         src_cfg = {"state_dir": str(tmp / "state-src"), "volumes": vols, "heartbeat_interval": 1.0, **(source_extra or {})}

@@ -34,6 +34,7 @@ from .coverage import NOT_UTF8, Unprotected, printable, replicable_name
 from .dirty import DirtySet, InDoubt, StartupGate, backoff, listing_blocked
 from .examine import Examiner, forget_blocks
 from . import pacing
+from .hooks import run_hook
 from .points import PointTracker
 from .progress import Progress
 from .publisher import Publisher
@@ -99,6 +100,7 @@ class VolumeWorker:
         self.checkpoint_id = 0
         self._b: Batch | None = None  # the batch _process has open
         self.points = PointTracker(point_interval, point_quiet)
+        self._hooked: float | None = None  # monotonic time the pre-command succeeded, while its point is awaited
         self.watching: Callable[[], bool] = lambda: False  # the agent sets it: True while inotify watches the volume
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -253,6 +255,8 @@ class VolumeWorker:
     async def _sleep(self) -> None:
         now = time.monotonic()
         until = min(self.dirty.next_due() or now + 3600, self.next_checkpoint, self.points.due_at() or now + 3600)
+        if self._hooked is not None:
+            until = min(until, self._hooked + self.vol.point_hook_timeout + 0.01)
         if self.listings:
             until = min(until, max(self.next_control, now + 1.0))
         try:
@@ -550,10 +554,24 @@ class VolumeWorker:
                 and not self.scanning)
 
     async def _point(self) -> bool:
-        """Send a restore point if one is due; True if the worker did something (a point, or a
-        stale path marked again)."""
-        if not self.points.due(time.monotonic(), idle=self._idle(), watching=self.watching()):
+        """Send a restore point if one is due; True if the worker did something (a point, a hook
+        run, or a stale path marked again)."""
+        now = time.monotonic()
+        if self._hooked is not None and now - self._hooked > self.vol.point_hook_timeout:
+            log.error("volume %s: no restore point within point_hook_timeout (%g s) of point_pre_command; running the "
+                      "post-command", self.name, self.vol.point_hook_timeout, extra={"volume": self.name, "event": "point_hook_timeout"})
+            self.points.last_point = now  # not before another interval
+            await self._hook("post", None)
+            return True
+        if not self.points.due(now, idle=self._idle(), watching=self.watching()):
             return False
+        if self.vol.point_pre_command and self._hooked is None:
+            if not await self._hook("pre", None):
+                self.points.last_point = time.monotonic()  # no point this interval: tried again at the next
+                return True
+            self._hooked = time.monotonic()
+            self.points.event(self._hooked)  # what the command wrote is replicated before the point
+            return True
         checked = self.points.last_event
         root = self.vol.path
         stale = await asyncio.to_thread(self.points.stale, lambda p: lstat(str(root / p)))
@@ -574,12 +592,37 @@ class VolumeWorker:
             self.m.points.labels(self.name, "failed").inc()
             self.points.last_point = now  # not before another interval
             self._control_failed("restore point", e)
+            if self._hooked is not None:
+                await self._hook("post", None)
             return True
-        self.points.sent(now)
+        ident = self.points.sent(now)
         self._count(b)
         self.m.points.labels(self.name, "sent").inc()
         self.m.last_point.labels(self.name).set(time.time())
+        if self.vol.point_post_command:
+            await self._hook("post", ident)
+        self._hooked = None
         return True
+
+    async def _hook(self, phase: str, point: int | None) -> bool:
+        """Run the volume's pre- or post-command (a post-command ends the wait for a point)."""
+        if phase == "post":
+            self._hooked = None
+        cmd = self.vol.point_pre_command if phase == "pre" else self.vol.point_post_command
+        if not cmd:
+            return True
+        env = {"VOLMIRROR_VOLUME": self.name, "VOLMIRROR_ROOT": str(self.vol.path), "VOLMIRROR_PHASE": phase}
+        if point is not None:
+            env["VOLMIRROR_POINT"] = str(point)
+        r = await run_hook(cmd, env, self.vol.point_hook_timeout)
+        self.m.point_hooks.labels(self.name, phase, "ok" if r.ok else "failed").inc()
+        if r.ok:
+            log.debug("volume %s: point_%s_command done in %.3f s", self.name, phase, r.seconds, extra={"volume": self.name})
+        else:
+            log.error("volume %s: point_%s_command failed (%s)%s%s", self.name, phase, r.why,
+                      "; no restore point this interval" if phase == "pre" else "", f": {r.output}" if r.output else "",
+                      extra={"volume": self.name, "event": f"point_{phase}_command_failed"})
+        return r.ok
 
     # -- checkpoints and listings ----------------------------------------------------------------
     async def _checkpoint(self) -> None:

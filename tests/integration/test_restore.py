@@ -599,3 +599,40 @@ def test_guard_pauses_a_mass_overwrite_and_not_a_normal_workload(setup_factory, 
     wait_converged(v, s.mirror_path(), timeout=60, agents=[s.source, m])
     assert m.metric("volmirror_mirror_guard_paused", volume="vol1") == 0
     del originals
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. consistency hooks
+
+
+def test_what_the_pre_command_writes_is_in_the_point_the_post_command_names(setup_factory, tmp_path):
+    """``point_pre_command`` writes a counter into the volume (as a database's WAL checkpoint writes
+    into its file); ``point_post_command`` logs the point's id and the counter. Restoring each logged
+    point gives back exactly the counter its pre-command wrote: the hook's writes are inside the point."""
+    ctr, log = tmp_path / "counter", tmp_path / "hooks.log"
+    pre = f'n=$(( $(cat {ctr} 2>/dev/null || echo 0) + 1 )); echo $n > {ctr}; echo $n > "$VOLMIRROR_ROOT/hook-marker"'
+    post = f'echo "$VOLMIRROR_POINT $(cat "$VOLMIRROR_ROOT/hook-marker")" >> {log}'
+    s, v, m = start(setup_factory, volume_extra={"point_pre_command": pre, "point_post_command": post})
+    for i in range(300):
+        (v / f"f{i:03d}").write_bytes(os.urandom(2048))
+    s.source.start()
+    m.start()
+    for round_ in range(3):  # a change, then quiet: one point per round
+        time.sleep(1.0)
+        (v / f"f{round_:03d}").write_bytes(os.urandom(2048))
+    wait_for(lambda: log.exists() and len(log.read_text().split("\n")) > 3, 60, "three points with hooks")
+    logged = [line.split() for line in log.read_text().splitlines()]
+    want = {int(i) for i, _ in logged}
+
+    def arrived() -> list[dict] | None:
+        pts = points(m)
+        return pts if want <= {p["source_id"] for p in pts} else None
+
+    src_ids = {p["source_id"]: p for p in wait_for(arrived, 60, "the logged points at the mirror")}
+    assert s.source.metric("volmirror_source_point_hooks_total", volume="vol1", phase="pre", result="failed") == 0
+    for ident, n in logged[-2:]:
+        p = src_ids[int(ident)]
+        dest = tmp_path / f"at-{ident}"
+        rc, rep, out = restore(m, dest, "--point", str(p["id"]))
+        assert rc == 0, out
+        assert (dest / "hook-marker").read_text().strip() == n, f"point {ident}: marker {(dest / 'hook-marker').read_text()!r}, expected {n}"

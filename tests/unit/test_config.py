@@ -69,6 +69,9 @@ def test_good_config(tmp_path):
         (('[metrics]', '[metrix]'), "metrix"),
         (('security_protocol = "PLAINTEXT"', 'security_protocol = 5'), "kafka.security_protocol"),
         (('state_dir = "/var/lib/volmirror/source"', 'state_dir = "/var/lib/volmirror/source"\ncompression = "gzip"'), "source.compression"),
+        (('block_size = 131072', 'block_size = 131072\npoint_pre_command = 5'), "source.volumes[0].point_pre_command"),
+        (('block_size = 131072', 'block_size = 131072\npoint_post_command = "  "'), "source.volumes[0].point_post_command"),
+        (('block_size = 131072', 'block_size = 131072\npoint_hook_timeout = 0'), "source.volumes[0].point_hook_timeout"),
     ],
 )
 def test_bad_key_is_named(tmp_path, replace, key):
@@ -134,3 +137,14 @@ def test_mirror_max_file_size_rejected(tmp_path, val):
         load(write(tmp_path, text))
     assert ei.value.key == "mirror.max_file_size"
     assert "mirror.max_file_size" in str(ei.value)
+
+
+def test_point_hooks(tmp_path):
+    text = GOOD.replace("block_size = 131072", 'block_size = 131072\npoint_pre_command = " sqlite3 db \'PRAGMA wal_checkpoint\' "\npoint_post_command = "true"')
+    v = load(write(tmp_path, text)).source.volumes[0]
+    assert (v.point_pre_command, v.point_post_command, v.point_hook_timeout) == ("sqlite3 db 'PRAGMA wal_checkpoint'", "true", 30.0)
+    # a hook with restore points turned off would never run: a mistake, named
+    off = text.replace('state_dir = "/var/lib/volmirror/source"', 'state_dir = "/var/lib/volmirror/source"\npoint_interval = 0')
+    with pytest.raises(ConfigError) as ei:
+        load(write(tmp_path, off))
+    assert ei.value.key == "source.volumes[0].point_pre_command"
