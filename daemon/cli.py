@@ -45,10 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("--json", action="store_true", help="print the report as JSON (schema: docs/verify.md)")
     vf.add_argument("--repair", action="store_true", help="repair the drift found (default: report only)")
     vf.add_argument("--timeout", type=float, default=60.0, metavar="S", help="how long to wait for the source's checkpoint (default 60)")
-    rz = sub.add_parser("resume", help="apply a volume again that the mass-change guard paused (exit 0; 1 not paused; 2 agent "
-                                       "not reachable)")
+    rz = sub.add_parser("resume", help="apply a volume again that the mass-change guard paused, or that was rolled back in place "
+                                       "(exit 0; 1 not held; 2 agent not reachable or refused)")
     common(rz)
     rz.add_argument("--volume", required=True, metavar="V", help="the volume")
+    rz.add_argument("--failback-done", action="store_true",
+                    help="the volume was rolled back in place for a failover, and failback has made the source identical to it: "
+                         "mirror the source again (its restore points before are dropped)")
     pt = sub.add_parser("points", help="list a volume's restore points (time, stream position, verification)")
     common(pt)
     pt.add_argument("--volume", required=True, metavar="V", help="the volume")
@@ -57,11 +60,18 @@ def _parser() -> argparse.ArgumentParser:
                                         "proven, 2 on error)")
     common(rs)
     rs.add_argument("--volume", required=True, metavar="V", help="the volume")
-    rs.add_argument("--to", required=True, metavar="DIR", help="an empty or new directory to write the volume into")
+    rs.add_argument("--to", required=True, metavar="DIR", help="an empty or new directory to write the volume into; or the mirror's "
+                                                               "own tree (mirror.root, or mirror.root/VOLUME) for an in-place "
+                                                               "rollback, with the mirror agent stopped")
     when = rs.add_mutually_exclusive_group()
     when.add_argument("--at", metavar="TIME", help="the newest point at or before TIME (unix seconds or ISO 8601; default: the latest)")
     when.add_argument("--point", type=int, metavar="ID", help="this point (see `volmirror points`)")
     rs.add_argument("--json", action="store_true", help="print the report as JSON")
+    sd = sub.add_parser("seed", help="start a new source index from the volume's tree as it is, so that a mirror which has most of it "
+                                     "gets only what differs (failback: docs/restore.md); the source agent must be stopped")
+    common(sd)
+    sd.add_argument("--volume", required=True, metavar="V", help="the volume (in [source])")
+    sd.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "resume":
             from .verify_cmd import run_resume
 
-            return run_resume(cfg, args.volume)
+            return run_resume(cfg, args.volume, failback_done=args.failback_done)
         if args.cmd in ("points", "restore"):
             from pathlib import Path
 
@@ -103,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "points":
                 return restore.run_points(mc, args.volume, as_json=args.json)
             return restore.run_restore(mc, args.volume, Path(args.to).absolute(), at=args.at, point=args.point, as_json=args.json)
+        if args.cmd == "seed":
+            return _seed(cfg, args.volume, as_json=args.json)
         if args.cmd == "status":
             from .status import run_status
 
@@ -119,6 +131,27 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the exit-code boundary: nothing escapes as a bare traceback
         return exit_code_for(e)
     return EXIT_FAILURE
+
+
+def _seed(cfg: Config, volume: str, *, as_json: bool) -> int:
+    import json
+
+    from .source.seed import SeedError, seed
+
+    if cfg.source is None:
+        raise SeedError("seed needs a config with a [source] section (the reverse source of a failback)")
+    vol = next((v for v in cfg.source.volumes if v.name == volume), None)
+    if vol is None:
+        raise SeedError(f"--volume: no volume {volume!r} in [source] (have: {', '.join(v.name for v in cfg.source.volumes)})")
+    out = seed(cfg.source, vol)
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"seeded {out['volume']} from {out['root']}: {out['files']} files, {out['bytes']} bytes hashed in {out['seconds']:.1f} s"
+              + (f"; {out['changed_while_read']} changed while read (the source sends them)" if out["changed_while_read"] else ""))
+        for path, why in out["unreadable"].items():
+            print(f"NOT SEEDED: {path}: {why}")
+    return EXIT_OK
 
 
 def first_volmirror_error(exc: BaseException) -> VolmirrorError | None:

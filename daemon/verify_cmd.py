@@ -105,13 +105,14 @@ def _error(as_json: bool, msg: str) -> int:
     return EXIT_CONFIG
 
 
-def run_resume(cfg: Config, volume: str) -> int:
-    """``volmirror resume``: ask the running mirror agent to apply a volume the mass-change guard
-    paused (``GET /resume?volume=V``). Exit 0 resumed; 1 not paused; 2 agent not reachable or bad usage."""
+def run_resume(cfg: Config, volume: str, *, failback_done: bool = False) -> int:
+    """``volmirror resume``: ask the running mirror agent to apply a volume it holds, paused by the
+    mass-change guard or rolled back in place for a failover (``GET /resume?volume=V[&failback_done=1]``).
+    Exit 0 resumed; 1 not held; 2 agent not reachable, bad usage, or a failover hold without --failback-done."""
     if cfg.mirror is None:
         print("volmirror: resume needs a config with a [mirror] section (run it on the DR host)", file=sys.stderr)
         return EXIT_CONFIG
-    url = agent_url(cfg, "/resume", {"volume": volume})
+    url = agent_url(cfg, "/resume", {"volume": volume, **({"failback_done": "1"} if failback_done else {})})
     try:
         with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - local agent endpoint
             body: dict[str, Any] = json.loads(r.read())
@@ -125,5 +126,5 @@ def run_resume(cfg: Config, volume: str) -> int:
     except (OSError, ValueError) as e:
         print(f"volmirror: mirror agent not reachable at {cfg.metrics.listen}: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{volume}: applying resumed (it was paused: {body.get('was', {}).get('why')})")
+    print(f"{volume}: applying resumed (it was held: {body.get('was', {}).get('why')})")
     return EXIT_OK

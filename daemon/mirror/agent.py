@@ -29,9 +29,10 @@ from ..errors import StateError
 from ..kafka import Consumer, Producer, Record, ensure_topics
 from ..metrics import HttpServer, MirrorMetrics
 from ..runtime import StopSignal, periodic, retry_transient, sd_notify, supervise, write_snapshot
+from ..store.agent_lock import AgentLock
 from ..wire import key_for
 from .applier import ApplyError
-from .consumer import ApplyActor, Faults
+from .consumer import ApplyActor, Faults, ResumeRefused
 
 log = logging.getLogger("volmirror.mirror")
 
@@ -85,6 +86,7 @@ class MirrorAgent:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ConfigError(key, f"cannot create {d}: {e.strerror}") from None
+        self._lock = AgentLock(mc.state_dir, "mirror").acquire("mirror agent")
         self.actor = ApplyActor(mc, self.m, send=self.outbox.append, mirrored=self.mirrored, on_volume=self._init_volume, faults=self.faults)
         host, port = self.cfg.metrics.host_port
         http = HttpServer(host, port, self.registry, self.status, routes={"/verify": self.http_verify, "/resume": self.http_resume})
@@ -343,7 +345,8 @@ class MirrorAgent:
         self._scrub_tokens = min(self._scrub_tokens + rate * (now - self._scrub_at), max(rate, 1.0))
         self._scrub_at = now
         snap = self.actor.snap
-        vols = sorted(v for v in self.known_volumes if self.mirrored(v) and v in snap and snap[v].epoch)
+        # a held volume is left alone: paused by the guard, or rolled back and serving as the failed-over copy
+        vols = sorted(v for v in self.known_volumes if self.mirrored(v) and v in snap and snap[v].epoch and not snap[v].paused)
         if rate <= 0 or not vols or self._scrub_tokens < 64 * 1024 or self._verifying or not self._caught_up():
             return
         vol = vols[self._scrub_rr % len(vols)]
@@ -444,13 +447,17 @@ class MirrorAgent:
         raise TimeoutError(f"no answer within {timeout:.0f} s: waited for {what}")
 
     async def http_resume(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        """``volmirror resume``: apply a volume the mass-change guard paused."""
+        """``volmirror resume``: apply a volume the mass-change guard paused, or (with failback_done)
+        one rolled back in place for a failover."""
         vol = q.get("volume", "")
         if not VOLUME_NAME_RE.match(vol):
             return 400, {"error": "give ?volume=NAME"}
-        was = await self.actor.call(self.actor.resume, vol)
+        try:
+            was = await self.actor.call(self.actor.resume, vol, q.get("failback_done") in ("1", "true", "yes"))
+        except ResumeRefused as e:
+            return 409, {"error": str(e)}
         if was is None:
-            return 404, {"error": f"volume {vol!r} is not paused"}
+            return 404, {"error": f"volume {vol!r} is not held (neither paused by the guard nor rolled back in place)"}
         return 200, {"resumed": vol, "was": was}
 
     # -- assignment, lag, probe, coverage -------------------------------------------------------
@@ -549,7 +556,7 @@ class MirrorAgent:
         if unprotected:
             reasons.append(f"{unprotected} path(s) the source cannot replicate")
         if prog is not None and prog.paused:
-            reasons.append(f"applying paused by the mass-change guard ({prog.paused}); `volmirror resume` continues")
+            reasons.append(f"applying held: {prog.paused}; `volmirror resume` continues (docs/restore.md)")
         return {"protected": not reasons, "why_not": reasons, "lag_seconds": lag, "last_verified": verified, "drift_files": drift,
                 "quarantined": quarantined, "unprotected_paths": unprotected}
 
@@ -580,7 +587,8 @@ class MirrorAgent:
                 "protected": cov["protected"],
                 "why_not_protected": cov["why_not"],
                 "mass_change": prog.mass_change if prog else None,
-                "guard_paused": bool(prog and prog.paused),
+                "guard_paused": bool(prog and prog.paused),  # held: by the guard, or rolled back in place (failover)
+                "held": prog.paused if prog else None,
             }
         return {
             "agent": "mirror",

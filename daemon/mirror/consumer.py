@@ -54,6 +54,10 @@ PLANNABLE = frozenset(("block", "truncate", "manifest", "file", "mkdir", "symlin
 UNKNOWN_VOLUME = "_unknown"
 
 
+class ResumeRefused(Exception):
+    """``volmirror resume`` of a volume that must not resume yet (a failover without failback)."""
+
+
 class GuardPause(Exception):
     """The volume is paused by the mass-change guard: its partition stops at this record."""
 
@@ -127,6 +131,7 @@ class ApplyActor:
             self.history.open(vol, k)
             self.history.remove(vol, self.history.orphans(vol, self.idx.points(vol)[0].segment))
         self.applier = Applier(mc.root, undo=self.history)
+        self._initial_checked: set[str] = set()  # volumes _initial_point has looked at
         self.guard = Guard(window=mc.guard_window_s, min_files=mc.guard_min_files, fraction=mc.guard_fraction)
         if mc.guard != "off":
             self.history.on_rewrite = self._rewrite
@@ -222,6 +227,7 @@ class ApplyActor:
         applied). A record not in a run is journalled by the applier itself, just before it."""
         if i in self._planned:
             return True
+        self._initial_point(ev)
         if i < self._plan_end or ev.op not in PLANNABLE or not self.history.active(ev.vol):
             return False
         removed: list[str] = []
@@ -240,6 +246,7 @@ class ApplyActor:
                 continue
             if e.op not in PLANNABLE:
                 break
+            self._initial_point(e)
             if self.history.active(e.vol):
                 try:
                     vr = self.applier.vol_root(e.vol)
@@ -503,6 +510,35 @@ class ApplyActor:
                    "reason": e.reason, "event": "rejected", "op": ev.op if ev is not None else None},
         )
 
+    def _initial_point(self, ev: Event) -> None:
+        """Before this mirror first changes a volume whose tree already holds data (a mirror put on
+        an existing copy; the original site's tree during failback) and that has no restore point
+        yet: record a point for the tree as it is, so whatever the stream or a listing changes or
+        removes there stays restorable (``volmirror restore --point`` of it)."""
+        vol = ev.vol
+        if vol in self._initial_checked or ev.op in ("heartbeat", "announce") or not self.mirrored(vol) or \
+                vol in self.paused or "*" in self.paused:
+            return
+        self._initial_checked.add(vol)
+        if self.history.active(vol) or self.idx.points(vol):
+            return
+        try:
+            with os.scandir(os.path.join(self.mc.root, vol)) as it:
+                if next(it, None) is None:
+                    return
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        now = time.time()
+        k = self.idx.add_point(vol, 0, "", 0, now, now)  # epoch "": never taken for a checkpoint's predecessor
+        try:
+            self.make_durable()
+        except ApplyError as e:
+            raise DurabilityError(f"cannot record the restore point of {vol}'s existing tree: {e}") from None
+        self.history.open(vol, k)
+        self.m.points.labels(vol).inc()
+        log.warning("volume %s: its tree in %s already holds data this mirror did not write; restore point %d keeps it restorable "
+                    "before anything of the stream changes it", vol, self.mc.root, k, extra={"volume": vol, "event": "initial_point"})
+
     def _point(self, ev: Event, prog: Any) -> None:
         """A restore point: everything before it is made durable with the point recorded, then
         the history opens the segment that journals what comes after it."""
@@ -575,11 +611,25 @@ class ApplyActor:
             log.error("cannot write %s (%s): the guard's pauses hold until this agent stops, not across a restart", self._guard_file, e,
                       extra={"event": "state_error"})
 
-    def resume(self, vol: str) -> dict | None:
-        """``volmirror resume``: apply the volume again (its guard window starts afresh)."""
-        was = self.paused.pop(vol, None)
+    def resume(self, vol: str, failback_done: bool = False) -> dict | None:
+        """``volmirror resume``: apply the volume again (its guard window starts afresh). A volume
+        rolled back in place (``volmirror restore`` into the mirror's tree: a failover) resumes only
+        with ``failback_done``: the stream would otherwise overwrite what was written into it while
+        it served. Its history and points are dropped then: they were journalled on a tree that has
+        been written outside the stream since, and the index is rebuilt by a listing."""
+        was = self.paused.get(vol)
         if was is None:
             return None
+        if was.get("kind") == "failover":
+            if not failback_done:
+                raise ResumeRefused(f"volume {vol!r} was rolled back in place for a failover ({was.get('why')}); resuming now would "
+                                    "apply the source's stream over what was written into it since. Fail back first (docs/restore.md), "
+                                    "then `volmirror resume --volume {vol} --failback-done`")
+            self.idx.drop_points(vol, 1 << 62)
+            self.make_durable()  # the points leave the index before their journal leaves the disk
+            self.history.forget(vol)
+            self.m.history_bytes.labels(vol).set(0)
+        self.paused.pop(vol, None)
         self._save_paused()
         self.guard.vols.pop(vol, None)
         self.bursts.pop(vol, None)

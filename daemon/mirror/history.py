@@ -737,6 +737,16 @@ class History:
             shutil.rmtree(vdir / obj_dir(k), ignore_errors=True)
             self._sizes.get(vol, {}).pop(k, None)
 
+    def forget(self, vol: str) -> None:
+        """Drop the volume's whole history (its points are already gone from the index): after a
+        failover it describes a tree that was written outside the stream since."""
+        seg = self.segs.pop(vol, None)
+        if seg is not None:
+            seg.close()
+        self.remove(vol, self.segment_files(vol))
+        shutil.rmtree(self.root / vol, ignore_errors=True)
+        self._sizes.pop(vol, None)
+
     def orphans(self, vol: str, oldest: int) -> list[int]:
         """Segments older than the oldest point (left by a prune that stopped halfway)."""
         return [k for k in self.segment_files(vol) if k < oldest]

@@ -32,6 +32,7 @@ from ..blocks import block_hash, file_root
 from ..config import VOLUME_NAME_RE, MirrorConfig
 from ..digest import volume_digest
 from ..errors import VolmirrorError
+from ..store.agent_lock import AgentLock
 from ..store.mirror_index import Point, read_points
 from ..store.source_index import Entry
 from .history import History, effective, read_entries, seg_name
@@ -135,6 +136,8 @@ def _fmt(t: float) -> str:
 
 def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, point: int | None = None) -> dict[str, Any]:
     vr = mc.root / vol
+    if to.resolve() in (vr.resolve(), mc.root.resolve()):
+        return restore_in_place(mc, vol, at=at, point=point)
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise RestoreError(f"--to: {to} exists and is not an empty directory (a restore never writes over anything)")
     if to.resolve() == vr.resolve() or vr.resolve() in to.resolve().parents:
@@ -154,12 +157,24 @@ def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, po
         except OSError as e:
             _clear(to, made)
             raise RestoreError(f"restore into {to} failed, nothing kept there: {e}") from None
-        if p.state == "mismatch":
-            unproven[""] = ("the source's checkpoint right after this point did not match the mirror: the mirror was not "
-                            "identical to the source at this point")
+        _caveats(mc, vol, p, unproven, failover_hold(mc, vol))
     finally:
         hist.unlock()
         hist.close()
+    return _report(mc, vol, to, p, undone, unproven, t0)
+
+
+def _caveats(mc: MirrorConfig, vol: str, p: Point, unproven: dict[str, str], held: dict | None) -> None:
+    """``held``: the volume's hold before this restore."""
+    if p.state == "mismatch":
+        unproven[""] = ("the source's checkpoint right after this point did not match the mirror: the mirror was not "
+                        "identical to the source at this point")
+    if held and held.get("kind") == "failover":
+        unproven.setdefault("", f"the volume was rolled back in place at {_fmt(held.get('since', 0))} (failover): if anything wrote "
+                                "into it since, the tree these points are rebuilt from is no longer the one they were journalled on")
+
+
+def _report(mc: MirrorConfig, vol: str, to: Path, p: Point, undone: int, unproven: dict[str, str], t0: float) -> dict[str, Any]:
     files, nbytes = _count(to)
     out: dict[str, Any] = {"volume": vol, "to": str(to), "point": point_json(p, True), "files": files, "bytes": nbytes,
                            "undone_entries": undone, "unproven": sorted(unproven), "unproven_why": unproven}
@@ -186,6 +201,103 @@ def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, po
     return out
 
 
+# -- in place (failover) ---------------------------------------------------------------------------
+HOLD_FILE = "guard-paused.json"  # the mirror agent's held volumes (daemon.mirror.consumer), kept across restarts
+
+
+def failover_hold(mc: MirrorConfig, vol: str) -> dict | None:
+    try:
+        d = json.loads((mc.state_dir / HOLD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    h = d.get(vol) if isinstance(d, dict) else None
+    return h if isinstance(h, dict) else None
+
+
+def _hold(mc: MirrorConfig, vol: str, why: dict) -> None:
+    """Add ``vol`` to the agent's held volumes, durably, before the tree is touched."""
+    path = mc.state_dir / HOLD_FILE
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise ValueError(path)
+    except FileNotFoundError:
+        d = {}
+    except (OSError, ValueError) as e:
+        raise RestoreError(f"cannot read {path} ({e}); fix or remove it first") from None
+    d[vol] = why
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(d, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore_in_place(mc: MirrorConfig, vol: str, *, at: float | None = None, point: int | None = None) -> dict[str, Any]:
+    """Roll the mirror's own tree of ``vol`` back to a point, with the mirror agent stopped.
+
+    The volume is held first (the agent, when started again, applies nothing to it, and neither
+    stream nor repair touches it, until ``volmirror resume --volume V --failback-done``): the tree is
+    now the DR copy being served, not a mirror. The undone segments and the points after the chosen
+    one are gone (there is no redo); earlier points stay restorable as long as nothing was written
+    into the tree. The volume's index entries are forgotten: when replication resumes, a listing
+    compares every file with the source and fetches only what differs."""
+    vr = mc.root / vol
+    t0 = time.monotonic()
+    lock = AgentLock(mc.state_dir, "mirror").acquire(f"volmirror restore --to {vr} (in place)")
+    try:
+        hist = History(mc.history_path, mc.root)
+        hist.lock(shared=False)
+        try:
+            pts, ok = list_points(mc, vol)
+            p = choose(pts, ok, at=at, point=point)
+            if not vr.is_dir():
+                raise RestoreError(f"the mirror has no tree for volume {vol!r} at {vr}")
+            held = failover_hold(mc, vol) or {}
+            _hold(mc, vol, {"why": f"rolled back in place to restore point {p.segment} ({_fmt(p.src_ts)}) by volmirror restore; the "
+                                   "tree is the failed-over copy, not a mirror, until failback (docs/restore.md)",
+                            "kind": "failover", "since": held.get("since") if held.get("kind") == "failover" else time.time(),
+                            "point": p.segment})
+            unproven: dict[str, str] = {}
+            last = pts[-1].segment
+            undone = undo_segments(vr, mc.history_path / vol, p.segment, last, unproven)
+            _forget_after(mc, vol, p.segment)
+            hist.remove(vol, [k for k in hist.segment_files(vol) if k >= p.segment])
+            _caveats(mc, vol, p, unproven, held)
+        finally:
+            hist.unlock()
+            hist.close()
+        os.sync()
+        out = _report(mc, vol, vr, p, undone, unproven, t0)
+        out["in_place"] = True
+        return out
+    finally:
+        lock.release()
+
+
+def _forget_after(mc: MirrorConfig, vol: str, k: int) -> None:
+    """The index after an in-place rollback to segment ``k``: no points after it (their segments
+    were undone), and no entries for the volume (the tree is no longer what they describe)."""
+    db = sqlite3.connect(str(mc.state_dir / "mirror.sqlite"), isolation_level=None, timeout=30)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM points WHERE volume=? AND segment>?", (vol, k))
+        db.execute("DELETE FROM entries WHERE volume=?", (vol,))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
 # -- copying and undoing -------------------------------------------------------------------------
 def rebuild(vr: Path, vdir: Path, first: int, last: int, to: Path, unproven: dict[str, str]) -> int:
     """Copy the volume tree ``vr`` into ``to`` and undo segments ``last`` down to ``first`` of the
@@ -194,6 +306,13 @@ def rebuild(vr: Path, vdir: Path, first: int, last: int, to: Path, unproven: dic
     of entries undone."""
     to.mkdir(parents=True, exist_ok=True)
     _copy_tree(vr, to)
+    return undo_segments(to, vdir, first, last, unproven)
+
+
+def undo_segments(to: Path, vdir: Path, first: int, last: int, unproven: dict[str, str]) -> int:
+    """Undo segments ``last`` down to ``first`` of the history ``vdir`` on the tree ``to`` (a copy of
+    the volume, or the volume itself for an in-place restore); returns the entries undone. Every
+    entry sets a state, so doing it again after an interruption gives the same tree."""
     undone = 0
     for k in range(last, first - 1, -1):
         seg = vdir / seg_name(k)

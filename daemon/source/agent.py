@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from ..config import Config, ConfigError, VolumeConfig
+from ..store.agent_lock import AgentLock
 from ..store.source_index import SeqAllocator
 from ..errors import RejectedEvent, VolmirrorError
 from ..kafka import MAX_RECORD, Consumer, Producer, batch_bytes, ensure_topics
@@ -61,6 +62,7 @@ class SourceAgent:
             sc.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError("source.state_dir", f"cannot create {sc.state_dir}: {e.strerror}") from None
+        self._lock = AgentLock(sc.state_dir, "source").acquire("source agent")
         self.seqs = SeqAllocator(sc.state_dir / "sequence.json")
         host, port = self.cfg.metrics.host_port
         http = HttpServer(host, port, self.registry, self.status)

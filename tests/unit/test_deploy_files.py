@@ -152,3 +152,17 @@ def test_systemd_analyze_verify(agent, tmp_path):
     assert not re.search(re.escape(str(p)) + r":\d+:", out), out
     if os.access(exe, os.X_OK):
         assert r.returncode == 0, out
+
+
+@pytest.mark.parametrize("name", ["failback-source", "failback-mirror"])
+def test_failback_example_configs_pass_check_config(name):
+    path = REPO / f"deploy/examples/{name}.toml"
+    r = subprocess.run([sys.executable, "-m", "daemon", "check-config", "--config", str(path)], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fb_src, fb_mir = (tomllib.loads((REPO / f"deploy/examples/failback-{a}.toml").read_text()) for a in ("source", "mirror"))
+    fwd = tomllib.loads(EXAMPLES["source"].read_text())
+    # the reverse direction: its own topic, the original volume inside the reverse mirror's root
+    assert fb_src["kafka"]["topic"] == fb_mir["kafka"]["topic"] != fwd["kafka"]["topic"]
+    orig = next(v for v in fwd["source"]["volumes"] if v["name"] == "perkara")["path"]
+    assert f'{fb_mir["mirror"]["root"]}/perkara' == orig
