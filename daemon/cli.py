@@ -60,9 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                                         "proven, 2 on error)")
     common(rs)
     rs.add_argument("--volume", required=True, metavar="V", help="the volume")
-    rs.add_argument("--to", required=True, metavar="DIR", help="an empty or new directory to write the volume into; or the mirror's "
-                                                               "own tree (mirror.root, or mirror.root/VOLUME) for an in-place "
-                                                               "rollback, with the mirror agent stopped")
+    rs.add_argument("--to", required=True, metavar="DIR", help="an empty or new directory to write the volume into; or, with "
+                                                               "--in-place, the mirror's own tree (mirror.root or mirror.root/VOLUME), "
+                                                               "with the mirror agent stopped")
+    rs.add_argument("--in-place", action="store_true", help="--to is the mirror's own tree: roll it back (cannot be undone; the volume "
+                                                            "is held until failback, docs/restore.md)")
     when = rs.add_mutually_exclusive_group()
     when.add_argument("--at", metavar="TIME", help="the newest point at or before TIME (unix seconds or ISO 8601; default: the latest)")
     when.add_argument("--point", type=int, metavar="ID", help="this point (see `volmirror points`)")
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             mc = cfg.require_mirror()
             if args.cmd == "points":
                 return restore.run_points(mc, args.volume, as_json=args.json)
-            return restore.run_restore(mc, args.volume, Path(args.to).absolute(), at=args.at, point=args.point, as_json=args.json)
+            return restore.run_restore(mc, args.volume, Path(args.to).absolute(), at=args.at, point=args.point, as_json=args.json,
+                                       in_place=args.in_place)
         if args.cmd == "seed":
             return _seed(cfg, args.volume, as_json=args.json)
         if args.cmd == "status":

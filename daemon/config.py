@@ -349,6 +349,10 @@ def _parse_source(t: Any, base: Path) -> SourceConfig:
         compression=_payload_codec(s),
     )
     s.done()
+    for i, v in enumerate(vols):
+        if v.point_pre_command and v.point_hook_timeout <= sc.point_quiet_ms / 1000:
+            raise ConfigError(f"source.volumes[{i}].point_hook_timeout", f"must be longer than source.point_quiet_ms "
+                              f"({sc.point_quiet_ms} ms): a point needs that long without a change after the pre-command")
     if sc.point_interval == 0:
         for i, v in enumerate(vols):
             for key in ("point_pre_command", "point_post_command"):

@@ -227,6 +227,11 @@ class MirrorMetrics(CommonMetrics):
         )
 
         # verification, drift, repair, coverage
+        self.superseded = Counter(
+            "volmirror_mirror_superseded_records_total",
+            "Records skipped because the source sent them before a failback of the volume (resume --failback-done)", ["volume"],
+            registry=registry,
+        )
         self.points = Counter(
             "volmirror_mirror_points_total", "Restore points recorded (the mirror can roll the volume back to each)", ["volume"],
             registry=registry,
@@ -323,6 +328,7 @@ class MirrorMetrics(CommonMetrics):
 
     def init_volume(self, vol: str) -> None:
         self.points.labels(vol)
+        self.superseded.labels(vol)
         self.last_point.labels(vol)
         self.history_bytes.labels(vol)
         self.mass_change.labels(vol)

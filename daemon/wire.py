@@ -83,7 +83,7 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "manifest": {"repair": bool},
     "checkpoint": {"nonce": _STR},
     "listing": {"count": _INT, "root": _STR},  # required on the last part
-    "announce": {"unprotected": _INT},  # paths the source cannot replicate (e.g. names not UTF-8)
+    "announce": {"unprotected": _INT, "point_interval": (int, float)},  # paths the source cannot replicate (e.g. names not UTF-8)
 }
 
 

@@ -115,6 +115,7 @@ class MirrorAgent:
             await http.stop()
             write_snapshot(mc.state_dir, self.status())
             self.actor.close()
+            self._lock.release()
 
     @property
     def announced(self) -> dict[str, Any]:
@@ -452,10 +453,21 @@ class MirrorAgent:
         vol = q.get("volume", "")
         if not VOLUME_NAME_RE.match(vol):
             return 400, {"error": "give ?volume=NAME"}
+        failback = q.get("failback_done") in ("1", "true", "yes")
+        skip: dict[tuple[str, int], int] = {}
         try:
-            was = await self.actor.call(self.actor.resume, vol, q.get("failback_done") in ("1", "true", "yes"))
+            if failback:
+                # everything in the topic now was sent before failback made the source equal to this tree
+                parts = [tp for tp in self.consumer.assignment() if tp[0] == self.cfg.kafka.topic]
+                if not parts:
+                    return 503, {"error": "no partition of the topic is assigned to this mirror yet; try again in a few seconds"}
+                skip = await self.consumer.end_offsets(parts)
+            was = await self.actor.call(self.actor.resume, vol, failback, skip)
         except ResumeRefused as e:
             return 409, {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - the volume stays held; the operator sees why
+            log.error("resume of %s failed: %s", vol, e, extra={"volume": vol})
+            return 500, {"error": f"resume failed, the volume stays held: {e}"}
         if was is None:
             return 404, {"error": f"volume {vol!r} is not held (neither paused by the guard nor rolled back in place)"}
         return 200, {"resumed": vol, "was": was}

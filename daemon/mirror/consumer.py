@@ -81,6 +81,7 @@ class Announcement:
     checkpoint_interval: float
     seen: float
     unprotected: int = 0
+    point_interval: float = 0.0  # the source's (0: no restore points, or a source from before they existed)
 
 
 @dataclass
@@ -137,6 +138,8 @@ class ApplyActor:
             self.history.on_rewrite = self._rewrite
         self._guard_file = mc.state_dir / "guard-paused.json"
         self.paused: dict[str, dict] = _load_json(self._guard_file)  # volume → why and since when (kept across restarts)
+        self._superseded_file = mc.state_dir / "failback-superseded.json"
+        self.superseded: dict[str, dict[str, int]] = _load_plain_json(self._superseded_file)  # volume → "topic:partition" → offset
         self.bursts: dict[str, Burst] = {}  # volumes with a burst going on (alert or pause)
         self._files: dict[str, tuple[float, int]] = {}  # volume → (when counted, files in its index)
         self.drift = Drift(metrics)
@@ -198,7 +201,7 @@ class ApplyActor:
             snap[v] = VolumeSnap(p.epoch if p else "", p.seq if p else -1, p.last_ts if p else 0.0, p.partition if p else -1,
                                  self.drift.count(v), len(self.idx.quarantine.get(v, {})), self.conflicts.get(v),
                                  self.verifier.last_verified.get(v), self.bursts[v].describe() if v in self.bursts else None,
-                                 (self.paused.get(v) or self.paused.get("*") or {}).get("why"))
+                                 _held_why(self.paused.get(v) or self.paused.get("*")))
         self.snap = snap
 
     # -- applying ---------------------------------------------------------------------------------
@@ -227,6 +230,8 @@ class ApplyActor:
         applied). A record not in a run is journalled by the applier itself, just before it."""
         if i in self._planned:
             return True
+        if ev.vol in self.paused or "*" in self.paused or (self.superseded and self._superseded_record(ev.vol, recs[i])):
+            return False  # held (its partition stops here) or skipped: nothing is journalled
         self._initial_point(ev)
         if i < self._plan_end or ev.op not in PLANNABLE or not self.history.active(ev.vol):
             return False
@@ -244,7 +249,8 @@ class ApplyActor:
                     (e.op in PLANNABLE and self.idx.is_duplicate(e.vol, e.epoch, e.seq)):
                 j += 1  # changes nothing on disk
                 continue
-            if e.op not in PLANNABLE:
+            if e.op not in PLANNABLE or e.vol in self.paused or "*" in self.paused or \
+                    (self.superseded and self._superseded_record(e.vol, recs[j])):
                 break
             self._initial_point(e)
             if self.history.active(e.vol):
@@ -353,6 +359,9 @@ class ApplyActor:
         self.on_volume(vol)
         if vol in self.paused or "*" in self.paused:
             raise GuardPause(vol)
+        if self.superseded and self._superseded_record(vol, r):
+            self.m.superseded.labels(vol).inc()
+            return
         prog = self.idx.progress(vol)
         prog.partition = r.partition
         if ev.op == "heartbeat":
@@ -478,7 +487,8 @@ class ApplyActor:
             self.idx.set_meta(key, json.dumps(ident, sort_keys=True))
         self.conflicts.pop(vol, None)
         self.announced[vol] = Announcement(ev["host"], ev["src"], ev["block_size"], float(ev["heartbeat_interval"]),
-                                           float(ev["checkpoint_interval"]), time.time(), int(ev.get("unprotected") or 0))
+                                           float(ev["checkpoint_interval"]), time.time(), int(ev.get("unprotected") or 0),
+                                           float(ev.get("point_interval") or 0.0))
         self._anchor(ev)
         self.on_volume(vol)
         if self.mirrored(vol):
@@ -511,32 +521,47 @@ class ApplyActor:
         )
 
     def _initial_point(self, ev: Event) -> None:
-        """Before this mirror first changes a volume whose tree already holds data (a mirror put on
-        an existing copy; the original site's tree during failback) and that has no restore point
-        yet: record a point for the tree as it is, so whatever the stream or a listing changes or
-        removes there stays restorable (``volmirror restore --point`` of it)."""
+        """Before this mirror first changes a volume whose tree holds data it never wrote (a mirror
+        put on an existing copy; the original site's tree during failback; the DR copy resumed after
+        a failover): record a point of the tree as found (state ``found``, source_id 0) and open its
+        history segment, so whatever the stream or a listing then changes or removes stays
+        restorable. Only for a volume this mirror's index knows nothing of (not a restart in the
+        middle of an initial sync) and whose source sends restore points (their pruning bounds the
+        history)."""
         vol = ev.vol
         if vol in self._initial_checked or ev.op in ("heartbeat", "announce") or not self.mirrored(vol) or \
                 vol in self.paused or "*" in self.paused:
             return
-        self._initial_checked.add(vol)
-        if self.history.active(vol) or self.idx.points(vol):
+        ann = self.announced.get(vol)
+        if ann is None:
+            return  # looked at again with the next record, once the volume was announced
+        if ann.point_interval <= 0 or self.history.active(vol) or self.idx.points(vol) or self.idx.volume_has_entries(vol):
+            self._initial_checked.add(vol)
             return
         try:
             with os.scandir(os.path.join(self.mc.root, vol)) as it:
                 if next(it, None) is None:
+                    self._initial_checked.add(vol)
                     return
         except (FileNotFoundError, NotADirectoryError):
+            self._initial_checked.add(vol)
             return
         now = time.time()
-        k = self.idx.add_point(vol, 0, "", 0, now, now)  # epoch "": never taken for a checkpoint's predecessor
+        k = self.idx.add_point(vol, 0, "", 0, now, now, state="found")  # epoch "": never a checkpoint's predecessor
         try:
             self.make_durable()
         except ApplyError as e:
             raise DurabilityError(f"cannot record the restore point of {vol}'s existing tree: {e}") from None
-        self.history.open(vol, k)
+        self._initial_checked.add(vol)  # only now: a failed attempt (rolled back) is made again
+        try:
+            self.history.open(vol, k)
+        except OSError as e:
+            self.idx.break_points(vol, k)
+            log.error("volume %s: cannot open the history for its existing tree (%s): restore point %d is marked broken", vol, e, k,
+                      extra={"volume": vol, "event": "history_error"})
+            return
         self.m.points.labels(vol).inc()
-        log.warning("volume %s: its tree in %s already holds data this mirror did not write; restore point %d keeps it restorable "
+        log.warning("volume %s: its tree in %s holds data this mirror did not write; restore point %d keeps it restorable "
                     "before anything of the stream changes it", vol, self.mc.root, k, extra={"volume": vol, "event": "initial_point"})
 
     def _point(self, ev: Event, prog: Any) -> None:
@@ -604,14 +629,28 @@ class ApplyActor:
         if vol in self.paused:
             raise GuardPause(vol)
 
-    def _save_paused(self) -> None:
+    def _save_paused(self) -> bool:
         try:
             _save_json(self._guard_file, self.paused)
         except OSError as e:
             log.error("cannot write %s (%s): the guard's pauses hold until this agent stops, not across a restart", self._guard_file, e,
                       extra={"event": "state_error"})
+            return False
+        return True
 
-    def resume(self, vol: str, failback_done: bool = False) -> dict | None:
+    def _save_superseded(self) -> None:
+        try:
+            _save_json(self._superseded_file, self.superseded)
+        except OSError as e:
+            log.error("cannot write %s (%s): after a restart, records sent before failback may be applied again (a listing then "
+                      "repairs the volume)", self._superseded_file, e, extra={"event": "state_error"})
+
+    def _superseded_record(self, vol: str, r: Record) -> bool:
+        """A record the source sent before a failback of ``vol`` (superseded by it): skipped."""
+        upto = self.superseded.get(vol)
+        return bool(upto) and r.offset < upto.get(f"{r.topic}:{r.partition}", -1)
+
+    def resume(self, vol: str, failback_done: bool = False, skip_before: dict[tuple[str, int], int] | None = None) -> dict | None:
         """``volmirror resume``: apply the volume again (its guard window starts afresh). A volume
         rolled back in place (``volmirror restore`` into the mirror's tree: a failover) resumes only
         with ``failback_done``: the stream would otherwise overwrite what was written into it while
@@ -624,13 +663,20 @@ class ApplyActor:
             if not failback_done:
                 raise ResumeRefused(f"volume {vol!r} was rolled back in place for a failover ({was.get('why')}); resuming now would "
                                     "apply the source's stream over what was written into it since. Fail back first (docs/restore.md), "
-                                    "then `volmirror resume --volume {vol} --failback-done`")
+                                    f"then `volmirror resume --volume {vol} --failback-done`")
             self.idx.drop_points(vol, 1 << 62)
             self.make_durable()  # the points leave the index before their journal leaves the disk
             self.history.forget(vol)
             self.m.history_bytes.labels(vol).set(0)
+            # what the source sent before failback is superseded by it: never applied now
+            self.superseded[vol] = {f"{t}:{p}": off for (t, p), off in (skip_before or {}).items()}
         self.paused.pop(vol, None)
-        self._save_paused()
+        if not self._save_paused():
+            self.paused[vol] = was
+            self.superseded.pop(vol, None)
+            raise ResumeRefused(f"cannot write {self._guard_file}: the volume stays held (it would be held again after a restart)")
+        if was.get("kind") == "failover":
+            self._save_superseded()
         self.guard.vols.pop(vol, None)
         self.bursts.pop(vol, None)
         self.m.guard_paused.labels(vol).set(0)
@@ -678,6 +724,27 @@ class ApplyActor:
 
     def full_pass(self, vol: str) -> None:
         self.scrubber.full_pass(vol)
+
+
+def _held_why(hold: dict | None) -> str | None:
+    """What ``status`` says about a held volume."""
+    if not hold:
+        return None
+    if hold.get("kind") == "failover":
+        return str(hold.get("why"))
+    return f"paused by the mass-change guard ({hold.get('why')})"
+
+
+def _load_plain_json(path: Any) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.error("cannot read %s (%s): ignored", path, e)
+        return {}
 
 
 def _load_json(path: Any) -> dict:

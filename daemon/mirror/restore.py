@@ -134,10 +134,17 @@ def _fmt(t: float) -> str:
     return datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
 
 
-def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, point: int | None = None) -> dict[str, Any]:
+def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, point: int | None = None,
+            in_place: bool = False) -> dict[str, Any]:
     vr = mc.root / vol
     if to.resolve() in (vr.resolve(), mc.root.resolve()):
+        if not in_place:
+            raise RestoreError(f"--to: {to} is the mirror's own tree. Rolling it back in place cannot be undone (the points after the "
+                               "one you choose are gone, and the volume is held until failback): add --in-place if that is what you "
+                               "want, or give a new directory")
         return restore_in_place(mc, vol, at=at, point=point)
+    if in_place:
+        raise RestoreError(f"--in-place: --to must be the mirror's tree of the volume ({vr}), not {to}")
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise RestoreError(f"--to: {to} exists and is not an empty directory (a restore never writes over anything)")
     if to.resolve() == vr.resolve() or vr.resolve() in to.resolve().parents:
@@ -271,6 +278,7 @@ def restore_in_place(mc: MirrorConfig, vol: str, *, at: float | None = None, poi
             unproven: dict[str, str] = {}
             last = pts[-1].segment
             undone = undo_segments(vr, mc.history_path / vol, p.segment, last, unproven)
+            os.sync()  # the rolled-back tree is on disk before the journal that rolled it back goes
             _forget_after(mc, vol, p.segment)
             hist.remove(vol, [k for k in hist.segment_files(vol) if k >= p.segment])
             _caveats(mc, vol, p, unproven, held)
@@ -530,10 +538,10 @@ def run_points(mc: MirrorConfig, vol: str, *, as_json: bool) -> int:
     return 0
 
 
-def run_restore(mc: MirrorConfig, vol: str, to: Path, *, at: str | None, point: int | None, as_json: bool) -> int:
+def run_restore(mc: MirrorConfig, vol: str, to: Path, *, at: str | None, point: int | None, as_json: bool, in_place: bool = False) -> int:
     if at is not None and point is not None:
         raise RestoreError("give --at or --point, not both")
-    out = restore(mc, vol, to, at=parse_time(at) if at is not None else None, point=point)
+    out = restore(mc, vol, to, at=parse_time(at) if at is not None else None, point=point, in_place=in_place)
     if as_json:
         print(json.dumps(out, indent=2))
     else:

@@ -115,6 +115,7 @@ class SourceAgent:
                 w.close()
             await http.stop()
             write_snapshot(sc.state_dir, self.status())
+            self._lock.release()
 
     async def _supervise(self) -> None:
         sc = self.sc
@@ -222,7 +223,8 @@ class SourceAgent:
         futs = []
         for v in sc.volumes:
             fields = {"host": sc.host, "src": str(v.path), "block_size": v.block_size,
-                      "heartbeat_interval": sc.heartbeat_interval, "checkpoint_interval": sc.checkpoint_interval}
+                      "heartbeat_interval": sc.heartbeat_interval, "checkpoint_interval": sc.checkpoint_interval,
+                      "point_interval": sc.point_interval}
             w = self.workers.get(v.name)
             if w is not None:
                 fields["unprotected"] = len(w.unprotected)

@@ -65,9 +65,9 @@ def seed(sc: SourceConfig, vol: VolumeConfig) -> dict[str, Any]:
     try:
         idx = volume_index(sc.state_dir, vol.name)
         try:
-            have = idx.count(vol.name)[0]
+            have = sum(1 for _ in idx.iter_volume(vol.name))
             if have:
-                raise SeedError(f"the source index of {vol.name!r} in {sc.state_dir} already lists {have} files: seed starts a new "
+                raise SeedError(f"the source index of {vol.name!r} in {sc.state_dir} already lists {have} entries: seed starts a new "
                                 "index only (a failback's reverse source, with its own state_dir)")
             root = str(vol.path)
             if not os.path.isdir(root):

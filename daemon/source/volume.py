@@ -222,8 +222,14 @@ class VolumeWorker:
     # -- main loop --------------------------------------------------------------------------------
     async def run(self) -> None:
         await self.open()
-        while True:
-            await self.step()
+        try:
+            while True:
+                await self.step()
+        finally:
+            if self._hooked is not None:  # stopped or failed between a pre-command and its point: never leave a freeze on
+                log.warning("volume %s: stopping between point_pre_command and its point: running the post-command", self.name,
+                            extra={"volume": self.name})
+                await self._hook("post", None)
 
     async def step(self) -> None:
         while self.renames:
@@ -586,11 +592,16 @@ class VolumeWorker:
         b = Batch(None, self.name)
         now = time.monotonic()
         try:
-            b.sent("point", await self.pub.send(self.name, "point", {"id": self.points.next_id}))
-            await b.acks()
+            if self._hooked is None:
+                b.sent("point", await self.pub.send(self.name, "point", {"id": self.points.next_id}))
+                await b.acks()
+            else:  # a pre-command's point, within what is left of point_hook_timeout
+                left = max(self._hooked + self.vol.point_hook_timeout - time.monotonic(), 0.1)
+                await asyncio.wait_for(self._send_point(b), left)
         except Exception as e:  # noqa: BLE001 - a point is tried again when due, never fatal
             self.m.points.labels(self.name, "failed").inc()
             self.points.last_point = now  # not before another interval
+            self.points.next_id += 1  # the record may still arrive: its id is never given to another point
             self._control_failed("restore point", e)
             if self._hooked is not None:
                 await self._hook("post", None)
@@ -603,6 +614,10 @@ class VolumeWorker:
             await self._hook("post", ident)
         self._hooked = None
         return True
+
+    async def _send_point(self, b: Batch) -> None:
+        b.sent("point", await self.pub.send(self.name, "point", {"id": self.points.next_id}))
+        await b.acks()
 
     async def _hook(self, phase: str, point: int | None) -> bool:
         """Run the volume's pre- or post-command (a post-command ends the wait for a point)."""

@@ -174,13 +174,17 @@ class MirrorIndex(SourceIndex):
         """Volume → the segment of its latest restore point."""
         return {v: k for v, k in self.db.execute("SELECT volume, max(segment) FROM points GROUP BY volume")}
 
-    def add_point(self, vol: str, source_id: int, epoch: str, seq: int, src_ts: float, applied_ts: float) -> int:
+    def volume_has_entries(self, vol: str) -> bool:
+        return self.db.execute("SELECT 1 FROM entries WHERE volume=? LIMIT 1", (vol,)).fetchone() is not None or \
+            any(v == vol for v, _ in self._cache)
+
+    def add_point(self, vol: str, source_id: int, epoch: str, seq: int, src_ts: float, applied_ts: float, state: str = "unverified") -> int:
         """Record a restore point in the open transaction (committed by the next checkpoint()); its segment."""
         self.begin()
         row = self.db.execute("SELECT max(segment) FROM points WHERE volume=?", (vol,)).fetchone()
         k = (row[0] or 0) + 1
         self.db.execute(f"INSERT INTO points ({POINT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                        (vol, k, source_id, epoch, seq, src_ts, applied_ts, "unverified", None))
+                        (vol, k, source_id, epoch, seq, src_ts, applied_ts, state, None))
         return k
 
     def points(self, vol: str) -> list[Point]:

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 POINT_INTERVAL = 0.5
 FAST = {"checkpoint_interval": 2.0, "announce_interval": 1.0, "point_interval": POINT_INTERVAL}
 POINT_FIELDS = {"id": int, "time": float, "epoch": str, "seq": int, "state": str, "restorable": bool}
-POINT_STATES = {"verified", "unverified", "mismatch"}
+POINT_STATES = {"verified", "unverified", "mismatch", "found"}
 
 
 # --------------------------------------------------------------------------------------------------

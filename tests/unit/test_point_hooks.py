@@ -104,3 +104,16 @@ async def test_the_post_command_runs_when_no_point_follows_the_pre_command_in_ti
     assert lines(log)[:2] == ["pre", "post:none"], lines(log)
     assert henv.sink.ops("v", "point") == []
     assert henv.metric("volmirror_source_points_total", volume="v", result="stale") >= 1
+
+
+async def test_stopping_the_worker_between_the_pre_command_and_its_point_runs_the_post_command(henv, tmp_path):
+    log = tmp_path / "hooks.log"
+    writer = "(for i in $(seq 1 150); do echo $i > \"$VOLMIRROR_ROOT/busy\"; sleep 0.02; done) >/dev/null 2>&1 &"
+    w = henv.hooked_worker("v", pre=f"echo pre >> {log}; {writer}", post=f'echo "post:${{VOLMIRROR_POINT:-none}}" >> {log}', timeout=30)
+    (w.vol.path / "busy").write_bytes(b"0")
+    w.mark("busy", force=False)
+    await until(lambda: "pre" in lines(log), 10, "the pre-command")
+    await asyncio.sleep(0.2)
+    assert "post:none" not in lines(log)  # waiting for a point that cannot come (timeout 30 s)
+    await henv.stop()  # the agent stops (SIGTERM cancels the worker)
+    assert lines(log) == ["pre", "post:none"], lines(log)
