@@ -37,14 +37,30 @@ class Broker:
     def __init__(self, prefix: str = "volmirror-test-kafka-", nodes: int = 1) -> None:
         import tempfile
 
-        self.data = tempfile.mkdtemp(prefix=prefix)
         self.nodes = nodes
-        self.port, cport = (free_port(), free_port()) if nodes == 1 else (free_port_range(nodes), free_port_range(nodes))
-        self.bootstrap = ",".join(f"127.0.0.1:{self.port + i}" for i in range(nodes))
-        r = subprocess.run(["bash", str(self.SCRIPT), "start", "--data", self.data, "--port", str(self.port), "--controller-port", str(cport),
-                            "--nodes", str(nodes)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"could not start Kafka (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
+        for attempt in range(3):
+            self.data = tempfile.mkdtemp(prefix=prefix)
+            self.port, cport = (free_port(), free_port()) if nodes == 1 else (free_port_range(nodes), free_port_range(nodes))
+            self.bootstrap = ",".join(f"127.0.0.1:{self.port + i}" for i in range(nodes))
+            r = subprocess.run(["bash", str(self.SCRIPT), "start", "--data", self.data, "--port", str(self.port), "--controller-port",
+                                str(cport), "--nodes", str(nodes)], capture_output=True, text=True)
+            if r.returncode == 0:
+                return
+            logs = self._logs()
+            self.stop()
+            # a port found free can be taken before the broker binds it (another process's connection): new ports
+            if "Address already in use" not in r.stdout + r.stderr + logs:
+                break
+        raise RuntimeError(f"could not start Kafka (exit {r.returncode}):\n{r.stdout}\n{r.stderr}")
+
+    def _logs(self) -> str:
+        out = []
+        for p in Path(self.data).rglob("*.log"):
+            try:
+                out.append(p.read_text(errors="replace")[-20000:])
+            except OSError:
+                pass
+        return "\n".join(out)
 
     def kill_node(self, n: int) -> None:
         subprocess.run(["bash", str(self.SCRIPT), "kill-node", str(n), "--data", self.data], capture_output=True, check=True)
@@ -62,11 +78,17 @@ class Broker:
 
 
 def free_port_range(n: int) -> int:
-    """The first of n consecutive free loopback ports."""
+    """The first of n consecutive free loopback ports, below the kernel's ephemeral range (where
+    no outgoing connection can take one between this check and the broker's bind)."""
     import random
 
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = max(low - n - 1, 12000)
     for _ in range(200):
-        base = random.randrange(20000, 60000)
+        base = random.randrange(10000, top)
         socks = []
         try:
             for i in range(n):
