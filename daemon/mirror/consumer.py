@@ -139,7 +139,7 @@ class ApplyActor:
         self._guard_file = mc.state_dir / "guard-paused.json"
         self.paused: dict[str, dict] = _load_json(self._guard_file)  # volume → why and since when (kept across restarts)
         self._superseded_file = mc.state_dir / "failback-superseded.json"
-        self.superseded: dict[str, dict[str, int]] = _load_plain_json(self._superseded_file)  # volume → "topic:partition" → offset
+        self.superseded: dict[str, dict[str, int]] = _load_json(self._superseded_file, hold_all=False)  # volume → "topic:partition" → offset
         self.bursts: dict[str, Burst] = {}  # volumes with a burst going on (alert or pause)
         self._files: dict[str, tuple[float, int]] = {}  # volume → (when counted, files in its index)
         self.drift = Drift(metrics)
@@ -735,7 +735,9 @@ def _held_why(hold: dict | None) -> str | None:
     return f"paused by the mass-change guard ({hold.get('why')})"
 
 
-def _load_plain_json(path: Any) -> dict:
+def _load_json(path: Any, *, hold_all: bool = True) -> dict:
+    """A JSON object from ``path`` ({} if there is none). Unreadable: with ``hold_all`` (the held
+    volumes) every volume is held, better than applying a burst the operator paused; else {}."""
     try:
         with open(path) as f:
             d = json.load(f)
@@ -743,19 +745,9 @@ def _load_plain_json(path: Any) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        log.error("cannot read %s (%s): ignored", path, e)
-        return {}
-
-
-def _load_json(path: Any) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        return d if isinstance(d, dict) else {}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        # unreadable: better to hold than to apply a burst the operator paused
+        if not hold_all:
+            log.error("cannot read %s (%s): ignored", path, e)
+            return {}
         log.error("cannot read %s (%s): every volume stays paused until it is fixed or removed", path, e)
         return {"*": {"why": f"unreadable {path}"}}
 

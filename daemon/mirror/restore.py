@@ -153,10 +153,7 @@ def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, po
     hist = History(mc.history_path, mc.root)
     hist.lock(shared=False)
     try:
-        pts, ok = list_points(mc, vol)
-        p = choose(pts, ok, at=at, point=point)
-        if not vr.is_dir():
-            raise RestoreError(f"the mirror has no tree for volume {vol!r} at {vr}")
+        pts, p = _pick(mc, vol, at, point)
         unproven: dict[str, str] = {}
         made = not to.exists()
         try:
@@ -169,6 +166,15 @@ def restore(mc: MirrorConfig, vol: str, to: Path, *, at: float | None = None, po
         hist.unlock()
         hist.close()
     return _report(mc, vol, to, p, undone, unproven, t0)
+
+
+def _pick(mc: MirrorConfig, vol: str, at: float | None, point: int | None) -> tuple[list[Point], Point]:
+    """The volume's points and the one asked for (under the history lock)."""
+    pts, ok = list_points(mc, vol)
+    p = choose(pts, ok, at=at, point=point)
+    if not (mc.root / vol).is_dir():
+        raise RestoreError(f"the mirror has no tree for volume {vol!r} at {mc.root / vol}")
+    return pts, p
 
 
 def _caveats(mc: MirrorConfig, vol: str, p: Point, unproven: dict[str, str], held: dict | None) -> None:
@@ -266,10 +272,7 @@ def restore_in_place(mc: MirrorConfig, vol: str, *, at: float | None = None, poi
         hist = History(mc.history_path, mc.root)
         hist.lock(shared=False)
         try:
-            pts, ok = list_points(mc, vol)
-            p = choose(pts, ok, at=at, point=point)
-            if not vr.is_dir():
-                raise RestoreError(f"the mirror has no tree for volume {vol!r} at {vr}")
+            pts, p = _pick(mc, vol, at, point)
             held = failover_hold(mc, vol) or {}
             _hold(mc, vol, {"why": f"rolled back in place to restore point {p.segment} ({_fmt(p.src_ts)}) by volmirror restore; the "
                                    "tree is the failed-over copy, not a mirror, until failback (docs/restore.md)",
