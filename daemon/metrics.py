@@ -249,8 +249,8 @@ class MirrorMetrics(CommonMetrics):
             registry=registry,
         )
         self.guard_paused = Gauge(
-            "volmirror_mirror_guard_paused", "1 while applying the volume is held by the mass-change guard (mirror.guard = pause) "
-            "until `volmirror resume`", ["volume"], registry=registry,
+            "volmirror_mirror_guard_paused", "1 while applying the volume is held: by the mass-change guard (mirror.guard = pause), or "
+            "rolled back in place for a failover; until `volmirror resume`", ["volume"], registry=registry,
         )
         self.history_bytes = Gauge(
             "volmirror_mirror_history_bytes", "Disk used by the volume's history (undo journal and removed paths kept)", ["volume"],

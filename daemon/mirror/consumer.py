@@ -138,6 +138,9 @@ class ApplyActor:
             self.history.on_rewrite = self._rewrite
         self._guard_file = mc.state_dir / "guard-paused.json"
         self.paused: dict[str, dict] = _load_json(self._guard_file)  # volume → why and since when (kept across restarts)
+        for v in self.paused:
+            if v != "*" and self.mirrored(v):
+                self.m.guard_paused.labels(v).set(1)
         self._superseded_file = mc.state_dir / "failback-superseded.json"
         self.superseded: dict[str, dict[str, int]] = _load_json(self._superseded_file, hold_all=False)  # volume → "topic:partition" → offset
         self.bursts: dict[str, Burst] = {}  # volumes with a burst going on (alert or pause)
@@ -358,6 +361,7 @@ class ApplyActor:
             return
         self.on_volume(vol)
         if vol in self.paused or "*" in self.paused:
+            self.m.guard_paused.labels(vol).set(1)  # also a hold read back from guard-paused.json after a restart
             raise GuardPause(vol)
         if self.superseded and self._superseded_record(vol, r):
             self.m.superseded.labels(vol).inc()

@@ -135,6 +135,8 @@ def test_failover_in_place_then_failback_sends_only_what_differs(setup_factory, 
     m.start()  # it holds the volume: the failed-over copy is not a mirror until failback is done
     vol = m.status()["volumes"]["vol1"]
     assert not vol["protected"] and vol["guard_paused"] and any("held" in w for w in vol["why_not_protected"]), vol
+    wait_for(lambda: m.metric("volmirror_mirror_guard_paused", volume="vol1") == 1, 30, "the held volume's gauge")
+    assert m.metric("volmirror_volume_protected", volume="vol1") == 0
     r = m.cli("resume", "--volume", "vol1")
     assert r.returncode == 2 and "failback" in r.stderr, f"resume without --failback-done: exit {r.returncode}\n{r.stderr}"
     hist = tmp_path / "state-mirror0" / "history" / "vol1"
