@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry
@@ -87,6 +89,7 @@ class MirrorAgent:
             except OSError as e:
                 raise ConfigError(key, f"cannot create {d}: {e.strerror}") from None
         self._lock = AgentLock(mc.state_dir, "mirror").acquire("mirror agent")
+        _warn_history_elsewhere(mc.history_path, mc.root)
         self.actor = ApplyActor(mc, self.m, send=self.outbox.append, mirrored=self.mirrored, on_volume=self._init_volume, faults=self.faults)
         host, port = self.cfg.metrics.host_port
         http = HttpServer(host, port, self.registry, self.status, routes={"/verify": self.http_verify, "/resume": self.http_resume})
@@ -613,6 +616,19 @@ class MirrorAgent:
             "rpo_seconds": self.mc.rpo_seconds,
             "volumes": vols,
         }
+
+
+def _warn_history_elsewhere(history: Path, root: Path) -> None:
+    """A history on another file system than the mirror root copies every removed path instead
+    of moving it (slower, and twice the space for a mass deletion): say so once, at start-up."""
+    try:
+        history.mkdir(parents=True, exist_ok=True)
+        if os.stat(history).st_dev != os.stat(root).st_dev:
+            log.warning("mirror.history_dir %s is not on the file system of mirror.root %s: removed paths are copied into the "
+                        "history instead of moved (slower; a mass deletion needs its size again there)", history, root,
+                        extra={"event": "history_elsewhere"})
+    except OSError as e:
+        log.warning("cannot compare the file systems of %s and %s: %s", history, root, e)
 
 
 def _gauge(metric: Any, *labels: str) -> float | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import stat
 from pathlib import Path
 
@@ -399,3 +400,19 @@ def test_an_edit_saves_only_the_pages_it_changes(m, tmp_path):
     saved = [(h["off"], len(d)) for h, d in read_entries(m.hdir / VOL / seg_name(1)) if h["t"] == "data"]
     assert saved[:2] == [(BS + 4096, 4096), (BS, 4096)], saved
     assert sum(n for _, n in saved) < 2 * BS + 4096  # never the whole file
+
+
+def test_a_history_on_another_file_system_is_reported_at_start_up(tmp_path, caplog):
+    from daemon.mirror.agent import _warn_history_elsewhere
+
+    shm = Path("/dev/shm")
+    assert os.stat(shm).st_dev != os.stat(tmp_path).st_dev, "this test needs /dev/shm on its own file system"
+    other = shm / f"volmirror-test-{os.getpid()}"
+    try:
+        with caplog.at_level("WARNING", logger="volmirror.mirror"):
+            _warn_history_elsewhere(tmp_path / "history", tmp_path)
+            assert not caplog.records
+            _warn_history_elsewhere(other, tmp_path)
+        assert any("not on the file system of mirror.root" in r.getMessage() for r in caplog.records)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
