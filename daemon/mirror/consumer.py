@@ -42,6 +42,7 @@ from .applier import Applier, ApplyError
 from .drift import Drift
 from .guard import Burst, Guard, looks_encrypted
 from .history import History, prune_plan
+from ..store.holds import HOLD_FILE, SUPERSEDED_FILE, load_json, save_json
 from ..store.mirror_index import MirrorIndex
 from .scrubber import Scrubber
 from ..store.listing_spool import ListingSpool
@@ -136,13 +137,13 @@ class ApplyActor:
         self.guard = Guard(window=mc.guard_window_s, min_files=mc.guard_min_files, fraction=mc.guard_fraction)
         if mc.guard != "off":
             self.history.on_rewrite = self._rewrite
-        self._guard_file = mc.state_dir / "guard-paused.json"
-        self.paused: dict[str, dict] = _load_json(self._guard_file)  # volume → why and since when (kept across restarts)
+        self._guard_file = mc.state_dir / HOLD_FILE
+        self.paused: dict[str, dict] = load_json(self._guard_file)  # volume → why and since when (kept across restarts)
         for v in self.paused:
             if v != "*" and self.mirrored(v):
                 self.m.guard_paused.labels(v).set(1)
-        self._superseded_file = mc.state_dir / "failback-superseded.json"
-        self.superseded: dict[str, dict[str, int]] = _load_json(self._superseded_file, hold_all=False)  # volume → "topic:partition" → offset
+        self._superseded_file = mc.state_dir / SUPERSEDED_FILE
+        self.superseded: dict[str, dict[str, int]] = load_json(self._superseded_file, hold_all=False)  # volume → "topic:partition" → offset
         self.bursts: dict[str, Burst] = {}  # volumes with a burst going on (alert or pause)
         self._files: dict[str, tuple[float, int]] = {}  # volume → (when counted, files in its index)
         self.drift = Drift(metrics)
@@ -635,7 +636,7 @@ class ApplyActor:
 
     def _save_paused(self) -> bool:
         try:
-            _save_json(self._guard_file, self.paused)
+            save_json(self._guard_file, self.paused)
         except OSError as e:
             log.error("cannot write %s (%s): the guard's pauses hold until this agent stops, not across a restart", self._guard_file, e,
                       extra={"event": "state_error"})
@@ -644,7 +645,7 @@ class ApplyActor:
 
     def _save_superseded(self) -> None:
         try:
-            _save_json(self._superseded_file, self.superseded)
+            save_json(self._superseded_file, self.superseded)
         except OSError as e:
             log.error("cannot write %s (%s): after a restart, records sent before failback may be applied again (a listing then "
                       "repairs the volume)", self._superseded_file, e, extra={"event": "state_error"})
@@ -737,38 +738,6 @@ def _held_why(hold: dict | None) -> str | None:
     if hold.get("kind") == "failover":
         return str(hold.get("why"))
     return f"paused by the mass-change guard ({hold.get('why')})"
-
-
-def _load_json(path: Any, *, hold_all: bool = True) -> dict:
-    """A JSON object from ``path`` ({} if there is none). Unreadable: with ``hold_all`` (the held
-    volumes) every volume is held, better than applying a burst the operator paused; else {}."""
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        return d if isinstance(d, dict) else {}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        if not hold_all:
-            log.error("cannot read %s (%s): ignored", path, e)
-            return {}
-        log.error("cannot read %s (%s): every volume stays paused until it is fixed or removed", path, e)
-        return {"*": {"why": f"unreadable {path}"}}
-
-
-def _save_json(path: Any, d: dict) -> None:
-    """Atomically, durably (a pause must survive a crash: after one, the burst is not seen again)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(d, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(str(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _safe_key(key: bytes | None) -> str:

@@ -743,7 +743,6 @@ class History:
         seg = self.segs.pop(vol, None)
         if seg is not None:
             seg.close()
-        self.remove(vol, self.segment_files(vol))
         shutil.rmtree(self.root / vol, ignore_errors=True)
         self._sizes.pop(vol, None)
 

@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..blocks import block_hash, file_root
+from ..blocks import file_root
 from ..config import VOLUME_NAME_RE, MirrorConfig
 from ..digest import volume_digest
 from ..errors import VolmirrorError
 from ..store.agent_lock import AgentLock
+from ..store.holds import HOLD_FILE, UnreadableState, read_json, save_json
 from ..store.mirror_index import Point, read_points
 from ..store.source_index import Entry
 from .history import History, effective, read_entries, seg_name
+from .scrubber import disk_hashes
 
 EXIT_UNPROVEN = 1
 
@@ -215,15 +217,11 @@ def _report(mc: MirrorConfig, vol: str, to: Path, p: Point, undone: int, unprove
 
 
 # -- in place (failover) ---------------------------------------------------------------------------
-HOLD_FILE = "guard-paused.json"  # the mirror agent's held volumes (daemon.mirror.consumer), kept across restarts
-
-
 def failover_hold(mc: MirrorConfig, vol: str) -> dict | None:
     try:
-        d = json.loads((mc.state_dir / HOLD_FILE).read_text())
-    except (OSError, ValueError):
+        h = read_json(mc.state_dir / HOLD_FILE).get(vol)
+    except UnreadableState:
         return None
-    h = d.get(vol) if isinstance(d, dict) else None
     return h if isinstance(h, dict) else None
 
 
@@ -231,29 +229,11 @@ def _hold(mc: MirrorConfig, vol: str, why: dict) -> None:
     """Add ``vol`` to the agent's held volumes, durably, before the tree is touched."""
     path = mc.state_dir / HOLD_FILE
     try:
-        d = json.loads(path.read_text())
-        if not isinstance(d, dict):
-            raise ValueError(path)
-    except FileNotFoundError:
-        d = {}
-    except (OSError, ValueError) as e:
-        raise RestoreError(f"cannot read {path} ({e}); fix or remove it first") from None
+        d = read_json(path)
+    except UnreadableState as e:
+        raise RestoreError(f"{e}; fix or remove it first") from None
     d[vol] = why
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(d, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    save_json(path, d)
 
 
 def restore_in_place(mc: MirrorConfig, vol: str, *, at: float | None = None, point: int | None = None) -> dict[str, Any]:
@@ -288,7 +268,6 @@ def restore_in_place(mc: MirrorConfig, vol: str, *, at: float | None = None, poi
         finally:
             hist.unlock()
             hist.close()
-        os.sync()
         out = _report(mc, vol, vr, p, undone, unproven, t0)
         out["in_place"] = True
         return out
@@ -515,14 +494,10 @@ def tree_digest(root: Path, block_size: int) -> str:
             elif stat.S_ISLNK(st.st_mode):
                 entries.append(Entry(rel, "l", target=os.readlink(full)))
             elif stat.S_ISREG(st.st_mode):
-                hashes = bytearray()
-                with open(full, "rb", buffering=0) as f:
-                    while True:
-                        b = f.read(block_size)
-                        if not b:
-                            break
-                        hashes += block_hash(b)
-                entries.append(Entry(rel, "f", st.st_size, st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode), root=file_root(bytes(hashes), st.st_size)))
+                hashes = disk_hashes(full, block_size)
+                if hashes is None:
+                    raise OSError(f"cannot read {full} to check the restored tree")
+                entries.append(Entry(rel, "f", st.st_size, st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode), root=file_root(hashes, st.st_size)))
     return volume_digest(entries)[0].hex()
 
 

@@ -592,12 +592,9 @@ class VolumeWorker:
         b = Batch(None, self.name)
         now = time.monotonic()
         try:
-            if self._hooked is None:
-                b.sent("point", await self.pub.send(self.name, "point", {"id": self.points.next_id}))
-                await b.acks()
-            else:  # a pre-command's point, within what is left of point_hook_timeout
-                left = max(self._hooked + self.vol.point_hook_timeout - time.monotonic(), 0.1)
-                await asyncio.wait_for(self._send_point(b), left)
+            # a pre-command's point must come within what is left of point_hook_timeout
+            left = None if self._hooked is None else max(self._hooked + self.vol.point_hook_timeout - time.monotonic(), 0.1)
+            await asyncio.wait_for(self._send_point(b), left)
         except Exception as e:  # noqa: BLE001 - a point is tried again when due, never fatal
             self.m.points.labels(self.name, "failed").inc()
             self.points.last_point = now  # not before another interval
@@ -610,9 +607,7 @@ class VolumeWorker:
         self._count(b)
         self.m.points.labels(self.name, "sent").inc()
         self.m.last_point.labels(self.name).set(time.time())
-        if self.vol.point_post_command:
-            await self._hook("post", ident)
-        self._hooked = None
+        await self._hook("post", ident)  # ends the wait for the point; runs point_post_command if there is one
         return True
 
     async def _send_point(self, b: Batch) -> None:
